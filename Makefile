@@ -1,0 +1,55 @@
+# hired-edge: every set-up step lives here, so a fresh clone needs only `make demo` / `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+STAMP   := $(VENV)/.installed
+MODEL   ?= tiny
+OUT     ?= artifacts/$(MODEL)
+IMAGE   ?= assets/demo.png
+PROMPT  ?= What is in this picture?
+BUDGET  ?= 0.2
+EXPORT_FLAGS ?=
+ifeq ($(RANDOM_WEIGHTS),1)
+EXPORT_FLAGS += --random-weights
+endif
+
+.PHONY: install demo test lint export bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[export,bench,dev]'
+	touch $(STAMP)
+
+checkpoints/tiny/config.json: | $(STAMP)
+	$(PYTHON) -m models.build tiny --out checkpoints/tiny --force
+
+# `make export MODEL=llava-next-7b [RANDOM_WEIGHTS=1]`; MODEL=tiny builds checkpoints/tiny first.
+export: $(STAMP) $(if $(filter tiny,$(MODEL)),checkpoints/tiny/config.json)
+	$(PYTHON) -m export --model $(if $(filter tiny,$(MODEL)),checkpoints/tiny,$(MODEL)) --out $(OUT) --force --verify $(EXPORT_FLAGS)
+
+artifacts/tiny/manifest.json: | checkpoints/tiny/config.json
+	$(PYTHON) -m export --model checkpoints/tiny --out artifacts/tiny --force --verify
+
+demo: $(STAMP) artifacts/tiny/manifest.json
+	$(PYTHON) -m runtime.demo --artifacts artifacts/tiny --image $(IMAGE) --prompt "$(PROMPT)" --budget $(BUDGET)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(PYTHON) -m bench
+
+soak: $(STAMP)
+	$(PYTHON) -m bench.soak --minutes 10
+
+clean:
+	rm -rf checkpoints artifacts bench-results .pytest_cache .hypothesis
