@@ -69,6 +69,7 @@ class TextSpec:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    max_position_embeddings: int  # the runtime refuses prompts + visual span + new tokens longer than this
 
 
 @dataclass(frozen=True)
