@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
 MODEL   ?= tiny
-OUT     ?= artifacts/$(MODEL)
+OUT     ?= artifacts/$(notdir $(MODEL))
+ARTIFACTS ?= artifacts/tiny
 IMAGE   ?= assets/demo.png
 PROMPT  ?= What is in this picture?
 BUDGET  ?= 0.2
@@ -35,8 +36,8 @@ export: $(STAMP) $(if $(filter tiny,$(MODEL)),checkpoints/tiny/config.json)
 artifacts/tiny/manifest.json: | checkpoints/tiny/config.json
 	$(PYTHON) -m export --model checkpoints/tiny --out artifacts/tiny --force --verify
 
-demo: $(STAMP) artifacts/tiny/manifest.json
-	$(PYTHON) -m runtime.demo --artifacts artifacts/tiny --image $(IMAGE) --prompt "$(PROMPT)" --budget $(BUDGET)
+demo: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
+	$(PYTHON) -m runtime.demo --artifacts $(ARTIFACTS) --image $(IMAGE) --prompt "$(PROMPT)" --budget $(BUDGET)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,8 @@
-"""hired-edge runtime: numpy + onnxruntime + tokenizers + pillow only (never torch or transformers)."""
+"""hired-edge runtime: numpy + onnxruntime + tokenizers + pillow only (never torch or transformers).
+
+    from runtime import Pipeline
+    r = Pipeline.load("artifacts/tiny").generate("photo.jpg", "What is this?", budget=0.2)
+"""
 
 from runtime.errors import (
     BudgetError,
@@ -12,6 +16,9 @@ from runtime.errors import (
 )
 
 __all__ = [
+    "Pipeline",
+    "GenerationResult",
+    "RemotePipeline",
     "HiredError",
     "BundleError",
     "ImageError",
@@ -21,3 +28,16 @@ __all__ = [
     "ProviderError",
     "RemoteError",
 ]
+
+
+def __getattr__(name):
+    # Lazy, so `import runtime.manifest` (used by export/) does not load onnxruntime sessions code.
+    if name in ("Pipeline", "GenerationResult"):
+        from runtime import pipeline
+
+        return getattr(pipeline, name)
+    if name == "RemotePipeline":
+        from runtime.remote import RemotePipeline
+
+        return RemotePipeline
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

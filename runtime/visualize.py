@@ -1,0 +1,78 @@
+"""The picture a user checks the budget with: kept patches lit, dropped ones dimmed, padding greyed out.
+
+Base image on the left, the crops in their grid on the right, counts in a caption below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from runtime.manifest import ImageProcessorSpec
+
+_GAP = 16
+_CAPTION = 56
+
+
+def _denormalize(pixel_values: np.ndarray, spec: ImageProcessorSpec) -> np.ndarray:
+    """[n, 3, s, s] normalised floats -> [n, s, s, 3] uint8."""
+    mean = np.asarray(spec.image_mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(spec.image_std, dtype=np.float32)[None, :, None, None]
+    rgb = (pixel_values.astype(np.float32) * std + mean) / spec.rescale_factor
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _shade(img: np.ndarray, kept: np.ndarray, valid: np.ndarray, side: int) -> np.ndarray:
+    """img [s, s, 3]; kept/valid bool [side*side] -> dropped tokens at 25% brightness, padding grey."""
+    s = img.shape[0]
+    cell = s // side
+    factor = np.where(kept, 1.0, 0.25).reshape(side, side)
+    out = img.astype(np.float32) * np.kron(factor, np.ones((cell, cell)))[:, :, None]
+    pad = np.kron((~valid).reshape(side, side), np.ones((cell, cell), dtype=bool))
+    out[pad] = 90.0
+    return out.astype(np.uint8)
+
+
+def render_kept(trace: dict, spec: ImageProcessorSpec, result=None) -> Image.Image:
+    """trace: the dict Pipeline.generate(..., trace=) fills. Returns an RGB image."""
+    layout, keep = trace["layout"], trace["kept_indices"]
+    images = _denormalize(trace["pixel_values"], spec)
+    side, s = layout.side, images.shape[1]
+    rows, cols = layout.grid
+    n_tok = side * side
+    width = s + _GAP + cols * s
+    height = max(s, rows * s) + _CAPTION
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+
+    def mask(idx):
+        m = np.zeros(n_tok, dtype=bool)
+        m[np.asarray(idx, dtype=np.int64)] = True
+        return m
+
+    canvas.paste(Image.fromarray(_shade(images[0], mask(keep[0]), np.ones(n_tok, bool), side)), (0, 0))
+    for c in range(layout.n_crops):
+        r, q = divmod(c, cols)
+        tile = _shade(images[1 + c], mask(keep[1 + c]), layout.valid_mask[c], side)
+        canvas.paste(Image.fromarray(tile), (s + _GAP + q * s, r * s))
+    draw = ImageDraw.Draw(canvas)
+    for c in range(layout.n_crops):
+        r, q = divmod(c, cols)
+        x0, y0 = s + _GAP + q * s, r * s
+        draw.rectangle([x0, y0, x0 + s - 1, y0 + s - 1], outline=(255, 200, 0), width=2)
+    crops_kept = sum(len(k) for k in keep[1:])
+    cap = int(layout.capacities.sum())
+    line1 = (
+        f"base {len(keep[0])}/{n_tok} kept | crops {crops_kept}/{cap} kept "
+        f"({layout.n_crops * n_tok - cap} padding tokens never kept) | grid {rows}x{cols}"
+    )
+    line2 = ""
+    if result is not None:
+        b, v = result.budget, result.visual_tokens
+        line2 = (
+            f"budget {b['rate']} alpha {b['alpha']} {b['distribution']}: total {b['total']}, "
+            f"span fed to the LLM {v['kept']} of stock {v['before']}"
+        )
+    y = max(s, rows * s) + 8
+    draw.text((8, y), line1, fill=(0, 0, 0))
+    draw.text((8, y + 20), line2, fill=(0, 0, 0))
+    return canvas
