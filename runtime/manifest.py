@@ -132,7 +132,7 @@ class Manifest:
             )
         if version < FORMAT_VERSION:
             raise BundleError(f"manifest version {version} is older than this runtime ({FORMAT_VERSION}); {_FIX}")
-        m = _build(cls, {k: v for k, v in data.items()}, "manifest", skip=("root",))
+        m = _build(cls, dict(data), "", skip=("root",))
         missing = [n for n in REQUIRED_FILES if n not in m.files]
         if missing:
             raise BundleError(f"manifest.json lists no file for {', '.join(missing)}; {_FIX}")
@@ -238,20 +238,21 @@ def _read_stamp(path: Path | None) -> dict:
 
 # ---- a small typed builder: JSON -> frozen dataclasses, refusing unknown/missing keys and wrong types ----
 def _build(cls, data: Any, where: str, skip: tuple[str, ...] = ()):
+    label = where or "(top level)"
     if not isinstance(data, dict):
-        raise BundleError(f"manifest {where} must be an object, got {type(data).__name__}; {_FIX}")
+        raise BundleError(f"manifest {label} must be an object, got {type(data).__name__}; {_FIX}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise BundleError(f"manifest {where} has unknown key(s) {', '.join(unknown)}; {_FIX}")
+        raise BundleError(f"manifest {label} has unknown key(s) {', '.join(unknown)}; {_FIX}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 continue
-            raise BundleError(f"manifest {where} is missing key {name!r}; {_FIX}")
-        kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
+            raise BundleError(f"manifest {label} is missing key {name!r}; {_FIX}")
+        kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}" if where else name)
     return cls(**kwargs)
 
 
