@@ -5,8 +5,8 @@
 Any registry name works (`python -m models.build bench`); 7B+ entries are built too, after a warning
 about their size. The folder holds what `from_pretrained` needs and nothing else:
 config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-processor_config.json (LlavaNextProcessor + LlavaNextImageProcessorPil), chat-free
-`prompt_template.json` ({"template", "add_bos"}) and `build_info.json` (name, seed, dtype, tokenizer).
+processor_config.json (LlavaNextProcessor + LlavaNextImageProcessorPil), `prompt_template.json`
+({"template", "add_bos"}) and `build_info.json` (name, seed, dtype, tokenizer kind, config source).
 
 Deterministic: the same name, seed and dtype give byte-identical files. The folder is written
 under a temporary name beside `--out` and moved into place at the end; an existing `--out` is
@@ -37,6 +37,14 @@ LARGE_PARAMS = 1_000_000_000  # warn above this many parameters
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 RESAMPLE_BICUBIC = 3
+
+
+def _total_ram() -> int | None:
+    """Physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _stderr(msg: str) -> None:
@@ -167,21 +175,30 @@ def build_checkpoint(
     """Write registry model `name` with random weights (seed `seed`) as an HF checkpoint folder at `out`.
 
     Returns the folder. Raises FileExistsError if `out` exists (and is not an empty folder) without
-    `force`, ValueError for an unknown name or dtype. `log` receives progress lines (None: silent).
+    `force`, ValueError for an unknown name or dtype, MemoryError when the weights cannot fit in RAM.
+    `log` receives progress lines (None: silent).
     """
     say = log or (lambda _msg: None)
     entry = registry.get(name)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     out = Path(out)
     _refuse_existing(out, force)
     t0 = time.perf_counter()
 
     n_params = count_params(entry)
-    bytes_per = 4 if dtype == "float32" else 2
+    need = n_params * (4 if dtype == "float32" else 2)
     say(f"{name}: {n_params / 1e6:,.1f} M parameters, {dtype}, seed {seed}")
     if n_params > LARGE_PARAMS:
         say(
-            f"warning: {name} is large: about {n_params * bytes_per / 2**30:.1f} GiB on disk and twice that "
-            "in memory while building; random weights give no meaningful text"
+            f"warning: {name} is large: about {need / 2**30:.1f} GiB in memory and on disk, and random "
+            "weights give no meaningful text; --dtype float16 halves it"
+        )
+    ram = _total_ram()
+    if ram is not None and need > ram:
+        raise MemoryError(
+            f"{name} in {dtype} needs about {need / 2**30:.1f} GiB but this machine has {ram / 2**30:.1f} GiB; "
+            "use --dtype float16 or a smaller model (tiny, bench)"
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else Path("checkpoints") / args.name
     try:
         build_checkpoint(args.name, out, seed=args.seed, force=args.force, dtype=args.dtype)
-    except FileExistsError as err:
+    except (FileExistsError, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
