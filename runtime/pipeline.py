@@ -227,7 +227,7 @@ class Pipeline:
             raise PromptError(f"prompt is {len(prompt)} characters, far over the {self.max_context}-token context")
         ids_before, ids_after = self.prompt.encode(prompt)
         rgb = load_image(image, color=color, max_pixels=self.max_pixels)
-        pre = preprocess(rgb, self.manifest.image_processor)
+        pre = preprocess(rgb, self.manifest.image_processor, patch_size=self.manifest.vision.patch_size)
         text_len = len(ids_before) + len(ids_after)
         if text_len + sampling.max_new_tokens + pre.layout.tokens_per_image > self.max_context:
             raise PromptError(
