@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import numbers
 import os
+import stat
 import struct
 from typing import Any
 
@@ -120,6 +121,9 @@ def _load_path(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
             f"{name} is a URL, which the runtime does not fetch; download it and pass the file path or bytes"
         )
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            # open() on a FIFO blocks until a writer comes, and devices never end: refuse, never hang.
+            raise ImageError(f"{name} is not a regular file (a FIFO, socket or device); pass the path of one image")
         with open(path, "rb") as fp:
             return _decode(fp, name, max_pixels)
     except FileNotFoundError:
@@ -130,6 +134,8 @@ def _load_path(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
         raise ImageError(f"no permission to read the image file {name}; check its permissions") from None
     except OSError as e:  # e.g. a name too long
         raise ImageError(f"cannot open the image file {name} ({e.strerror or e}); check the path") from None
+    except ValueError as e:  # e.g. an embedded NUL character
+        raise ImageError(f"{name!r} is not a usable file path ({e}); check the path") from None
 
 
 def _decode(fp: io.BufferedIOBase, name: str, max_pixels: int) -> np.ndarray:
