@@ -254,6 +254,7 @@ def array_to_rgb(
 ) -> np.ndarray:
     """uint8 [H, W, 3] RGB of a channels-last uint8 array HxW, HxWx1, HxWx3 or HxWx4 (see the module docstring)."""
     _check_options(color, max_pixels)
+    array = np.asarray(array)  # subclasses (np.matrix, masked arrays) as plain arrays
     shape = tuple(array.shape)
     if array.ndim not in (2, 3):
         raise ImageError(
