@@ -43,6 +43,7 @@ from runtime.errors import ImageError
 DEFAULT_MAX_PIXELS = 64_000_000
 COLOR_ORDERS = ("rgb", "bgr")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I;16BS", "I;16LS")
+RUNS_PROGRAMS = {"EPS": "Ghostscript"}  # formats Pillow decodes with an external program: refused
 _NAME_LIMIT = 200  # characters of a path or value shown in a message
 _BLOCK_PIXELS = 1 << 20  # pixels per block when compositing RGBA arrays
 
@@ -180,6 +181,8 @@ def _open_lazily(fp: io.BufferedIOBase, name: str) -> Image.Image:
             verdict = accept(prefix) if accept else True
             if not verdict or isinstance(verdict, str):  # a str is PIL's "looks like X but unsupported"
                 continue
+            if fmt in RUNS_PROGRAMS:
+                raise ImageError(_runs_program_message(name, fmt))
             fp.seek(0)
             try:
                 return factory(fp, "")  # as Image.open(file object) does: no file name
@@ -194,6 +197,13 @@ def _open_lazily(fp: io.BufferedIOBase, name: str) -> Image.Image:
     )
 
 
+def _runs_program_message(name: str, fmt: str) -> str:
+    return (
+        f"{name} is {fmt}, which Pillow decodes by running {RUNS_PROGRAMS[fmt]}; the runtime never runs a "
+        "program on its input: convert it to PNG or JPEG"
+    )
+
+
 def _png_header_size(head: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR chunk in the file's first 24 bytes, or None if it is not a PNG."""
     if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
@@ -205,6 +215,8 @@ def _png_header_size(head: bytes) -> tuple[int, int] | None:
 def pil_to_rgb(image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """uint8 [H, W, 3] of a PIL image, converted as transformers' `convert_to_rgb` (see the module docstring)."""
     check_size(image.width, image.height, max_pixels)
+    if image.format in RUNS_PROGRAMS:
+        raise ImageError(_runs_program_message("the PIL image", image.format))
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
