@@ -38,6 +38,8 @@ class SamplingConfig:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer)):
             raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and self.seed < 0:
+            raise GenerationError(f"seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed!r}")
 
 
 def _is_number(x) -> bool:
