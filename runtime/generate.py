@@ -50,8 +50,9 @@ def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator
     """logits: [V] float32. Greedy = argmax (first index on ties, as torch); else temperature + nucleus sampling."""
     if cfg.temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / cfg.temperature
-    z -= z.max()
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the top logits to -inf: fine
+        z = (z - z.max()) / cfg.temperature  # shift first: max/T may overflow to inf, and inf - inf is NaN
     p = np.exp(z)
     p /= p.sum()
     if cfg.top_p < 1.0:
