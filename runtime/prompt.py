@@ -33,6 +33,13 @@ class PromptEncoder:
             raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
             raise PromptError("prompt is empty; ask something about the image")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates (e.g. from a bad decode) cannot be tokenized
+            raise PromptError(
+                f"prompt holds a character that is not valid Unicode ({prompt[e.start]!r} at index {e.start}); "
+                "decode the text with errors='replace' or remove it"
+            ) from None
         if self.spec.image_placeholder in prompt:
             raise PromptError(
                 f"prompt contains {self.spec.image_placeholder!r}; the image goes in by itself, remove it from the text"
