@@ -1,0 +1,114 @@
+"""Triton Python-backend model `hired`: image + prompt -> HiRED-pruned LLaVA-NeXT answer, with BLS calls.
+
+Written into a model repository by `python -m export.triton_repo`. Preprocessing, HiRED selection, packing,
+embedding and the decode loop are the project's own `runtime.Pipeline` (its code sits beside this file);
+only its three graphs are swapped for BLS calls to the repository's `vision`, `projector` and `decoder`
+models (onnxruntime backend, with TensorRT/CUDA on GPUs). The request/response tensors are those of
+`python -m runtime.serve`, so `runtime.RemotePipeline` and plain tritonclient code work against both.
+
+Each request of a dynamic batch is its own generate() call, in order; run more instances
+(instance_group count) for concurrency. Every decode step is one BLS call to `decoder`, carrying the KV cache.
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # the copied project packages: hired/, runtime/
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+import runtime.pipeline as pipeline_module  # noqa: E402
+from runtime.errors import BundleError, GenerationError  # noqa: E402
+from runtime.manifest import Manifest, sha256_file  # noqa: E402
+from runtime.serve import INPUTS, answer_requests  # noqa: E402
+
+LOCAL_FILES = (
+    "embed_tokens",
+    "image_newline",
+    "tokenizer",
+)  # the rest of the bundle lives in the graph models
+
+
+class TritonGraph:
+    """The surface of runtime.session.OrtSession (inputs, outputs, run, dtype, provider) over BLS calls."""
+
+    def __init__(self, model: str, graph, input_dtypes: dict):
+        self.name = model
+        self.inputs = dict(graph.inputs)  # logical -> tensor name ("{i}" marks the KV layer index)
+        self.outputs = dict(graph.outputs)
+        self.input_types = {tensor: np.dtype(dtype).type for tensor, dtype in input_dtypes.items()}
+        self.provider = "triton"
+
+    def dtype(self, tensor: str):
+        return self.input_types[tensor]
+
+    def run(self, feeds: dict, outputs: list) -> list:
+        tensors = []
+        for tensor, value in feeds.items():
+            if tensor not in self.input_types:
+                raise GenerationError(f"{self.name} model has no input {tensor!r}; regenerate the repository")
+            tensors.append(
+                pb_utils.Tensor(tensor, np.ascontiguousarray(value, dtype=self.input_types[tensor]))
+            )
+        request = pb_utils.InferenceRequest(
+            model_name=self.name, requested_output_names=list(outputs), inputs=tensors
+        )
+        response = request.exec()
+        if response.has_error():
+            raise GenerationError(f"{self.name} model failed in Triton: {response.error().message()}")
+        return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
+
+
+class _TritonGraphs:
+    """Stands in for OrtSession inside runtime.pipeline: Pipeline builds its graphs through this name."""
+
+    graphs: dict = {}
+
+    @classmethod
+    def from_manifest(cls, manifest, name, provider="cpu", **_options):
+        return cls.graphs[name]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        bundle = os.path.join(HERE, "bundle")
+        manifest = Manifest.from_file(bundle, verify=False)  # the graphs are in the other models' folders
+        for name in LOCAL_FILES:
+            digest = sha256_file(manifest.path(name))
+            if digest != manifest.sha256[name]:
+                raise BundleError(
+                    f"{manifest.files[name]} sha256 mismatch in {bundle}; regenerate the repository"
+                )
+        with open(os.path.join(HERE, "graphs.json"), encoding="utf-8") as f:
+            wiring = json.load(f)
+        _TritonGraphs.graphs = {
+            name: TritonGraph(w["model"], manifest.graphs[name], w["input_dtypes"])
+            for name, w in wiring.items()
+        }
+        pipeline_module.OrtSession = _TritonGraphs
+        self.pipe = pipeline_module.Pipeline(manifest, max_pixels=int(params.get("max_pixels", "64000000")))
+
+    def execute(self, requests):
+        batch = []
+        for request in requests:
+            data = {}
+            for spec in INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+                if tensor is not None:
+                    data[spec.name] = tensor.as_numpy()
+            batch.append(data)
+        answers = answer_requests(self.pipe.generate, batch)
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, value) for name, value in out.items()]
+            )
+            for out in answers
+        ]
+
+    def finalize(self):
+        self.pipe.close()
