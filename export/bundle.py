@@ -1,0 +1,400 @@
+"""The artifact bundle on disk: staging folder, non-graph files, manifest numbers, atomic replace.
+
+    with Staging(out, force=True) as stage:                      # a temp folder beside `out`
+        ... write graphs into stage.path ...
+        write_arrays(model, stage.path, "fp32")                  # embed_tokens.npy, image_newline.npy
+        write_tokenizer(tokenizer, checkpoint, stage.path)       # tokenizer.json
+        write_manifest(stage.path, ...)                          # manifest.json with every file's sha256
+        stage.commit()                                           # old bundle renamed away, new moved in, old deleted
+
+Anything that leaves the `with` block without `commit()` deletes the staging folder, so an interrupted or
+failed export leaves the previous bundle (or none) and never a half-written one. The numbers functions
+(`image_processor_spec`, `vision_spec`, `text_spec`, `token_ids`) take a `LlavaNextConfig` and work for any
+model size, so a large-model path (export/large.py) can reuse them with its own graph writers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.errors import ExportError
+from export.spec import (
+    DATA_SUFFIX,
+    DECODER_INPUTS,
+    LOGITS,
+    OTHER_FILES,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    PROJECTOR_INPUT,
+    PROJECTOR_OUTPUT,
+    VISION_INPUT,
+    VISION_OUTPUTS,
+    text_shape,
+    vision_layers,
+)
+from runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    GraphSpec,
+    HiredDefaults,
+    ImageProcessorSpec,
+    Manifest,
+    ModelInfo,
+    PromptSpec,
+    TextSpec,
+    TokenIds,
+    VisionSpec,
+    sha256_file,
+)
+
+DTYPES = ("fp32", "fp16")
+IMAGE_PLACEHOLDER = "<image>"
+HIRED_DEFAULTS = HiredDefaults(rate=0.2, alpha=0.5, distribution="spatial", newlines="none")
+# PIL resample codes as stored in llava-hf preprocessor configs.
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# CLIP ViT-L/14-336 preprocessing, used when a random-weight model has no processor config on disk.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def numpy_dtype(dtype: str) -> type:
+    """'fp32' -> np.float32, 'fp16' -> np.float16."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return np.float16 if dtype == "fp16" else np.float32
+
+
+# ---------------------------------------------------------------------------------------------- staging
+class Staging:
+    """A temp folder beside `out` that becomes `out` on `commit()` and is deleted otherwise.
+
+    Refuses (ExportError) an existing `out` without `force`, an `out` that is a file, and a parent folder
+    that cannot be written, all before any work is done.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, force: bool):
+        self.out = Path(out)
+        check_out(self.out, force=force)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.export-", dir=self.out.parent))
+        except OSError as e:
+            raise ExportError(f"cannot write to {self.out.parent} ({e.strerror or e}); choose a writable --out") from None
+        _make_world_readable(self.path)
+        self.done = False
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.done:
+            self.discard()
+
+    def commit(self) -> Path:
+        """Move the staged bundle to `out`: rename an old bundle away, move the new one in, delete the old."""
+        replace_folder(self.path, self.out)
+        self.done = True
+        return self.out
+
+    def keep_as(self, target: Path) -> Path:
+        """Move the staged folder to `target` (replacing it) instead of `out`, e.g. for a bundle that failed checks."""
+        replace_folder(self.path, target)
+        self.done = True
+        return target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.done = True
+
+
+def check_out(out: Path, *, force: bool) -> None:
+    """Raise ExportError if `out` may not be (re)placed: it is a file, or a non-empty folder without `force`."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"--out {out} exists and is not a folder; remove it or choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} already exists; pass --force to replace it")
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Make folder `new` be `out`. An existing `out` is renamed away first and deleted only after the move."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def _make_world_readable(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder; give it the mode a plain mkdir would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def write_arrays(model, folder: Path, dtype: str) -> dict[str, str]:
+    """embed_tokens.npy [V, Dt] and image_newline.npy [Dt] in the bundle dtype; returns {logical: file}."""
+    np_dtype = numpy_dtype(dtype)
+    embed = model.get_input_embeddings().weight.detach().float().cpu().numpy().astype(np_dtype)
+    newline = model.model.image_newline.detach().float().cpu().numpy().astype(np_dtype)
+    np.save(folder / OTHER_FILES["embed_tokens"], embed, allow_pickle=False)
+    np.save(folder / OTHER_FILES["image_newline"], newline, allow_pickle=False)
+    return {"embed_tokens": OTHER_FILES["embed_tokens"], "image_newline": OTHER_FILES["image_newline"]}
+
+
+def write_tokenizer(tokenizer, checkpoint: Path | None, folder: Path) -> Path:
+    """tokenizer.json in `folder`: the checkpoint's file verbatim when it has one, else saved from `tokenizer`.
+
+    Raises ExportError when neither exists or the result does not load with `tokenizers.Tokenizer.from_file`.
+    """
+    from tokenizers import Tokenizer
+
+    target = folder / OTHER_FILES["tokenizer"]
+    source = checkpoint / "tokenizer.json" if checkpoint is not None else None
+    if source is not None and source.is_file():
+        shutil.copyfile(source, target)
+    elif tokenizer is not None:
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            tokenizer.save_pretrained(scratch)
+            saved = Path(scratch) / "tokenizer.json"
+            if not saved.is_file():
+                raise ExportError(
+                    f"the tokenizer ({type(tokenizer).__name__}) cannot be saved as tokenizer.json; "
+                    "put a fast-tokenizer tokenizer.json into the checkpoint folder"
+                )
+            shutil.copyfile(saved, target)
+    else:
+        where = checkpoint if checkpoint is not None else "the model"
+        raise ExportError(
+            f"no tokenizer in {where}: add tokenizer.json (or tokenizer.model + tokenizer_config.json) to it, "
+            "or pass --random-weights to use the offline Mistral stand-in"
+        )
+    try:
+        Tokenizer.from_file(str(target))
+    except Exception as e:  # tokenizers raises a bare Exception subclass
+        raise ExportError(f"tokenizer.json does not load with the tokenizers library ({e}); re-save the tokenizer") from None
+    return target
+
+
+def file_table(folder: Path, names: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(files, sha256) for the manifest: `names` plus `<graph>_data` for every graph with external data."""
+    files = dict(names)
+    for logical, fname in names.items():
+        if (folder / (fname + DATA_SUFFIX)).is_file():
+            files[f"{logical}_data"] = fname + DATA_SUFFIX
+    missing = [f for f in files.values() if not (folder / f).is_file()]
+    if missing:
+        raise ExportError(f"the bundle is missing {', '.join(missing)} after export; this is a bug in export/")
+    return files, {logical: sha256_file(folder / fname) for logical, fname in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+def graph_specs() -> dict[str, GraphSpec]:
+    """Logical -> tensor names of the three graphs ("{i}" marks the layer index of KV tensors)."""
+    features, early, late = VISION_OUTPUTS
+    embeds, mask, positions = DECODER_INPUTS
+    return {
+        "vision": GraphSpec(
+            inputs={"pixel_values": VISION_INPUT},
+            outputs={"features": features, "early_scores": early, "late_scores": late},
+        ),
+        "projector": GraphSpec(inputs={"features": PROJECTOR_INPUT}, outputs={"projected": PROJECTOR_OUTPUT}),
+        "decoder": GraphSpec(
+            inputs={
+                "inputs_embeds": embeds,
+                "attention_mask": mask,
+                "position_ids": positions,
+                "past_key": PAST_KEY,
+                "past_value": PAST_VALUE,
+            },
+            outputs={"logits": LOGITS, "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE},
+        ),
+    }
+
+
+def read_processor_config(checkpoint: Path | None) -> dict[str, Any] | None:
+    """The image-processor dict of a checkpoint: preprocessor_config.json, or processor_config.json's
+    "image_processor" entry (transformers 5 saves it there); None when the folder has neither."""
+    if checkpoint is None:
+        return None
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = checkpoint / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ExportError(f"{path} is not readable JSON ({e}); fix or remove it") from None
+            data = data.get(key) if key else data
+            if isinstance(data, dict):
+                return data
+    return None
+
+
+def image_processor_spec(config, processor: Mapping[str, Any] | None) -> ImageProcessorSpec:
+    """Preprocessing numbers from a checkpoint's processor config, else CLIP-336 defaults + the model's pinpoints.
+
+    Pinpoints are (height, width) pairs, as transformers stores them.
+    """
+    side = int(config.vision_config.image_size)
+    p = dict(processor or {})
+    crop = p.get("crop_size", {"height": side, "width": side})
+    if isinstance(crop, Mapping):
+        if crop.get("height") != crop.get("width"):
+            raise ExportError(f"processor crop_size must be square, got {dict(crop)}")
+        crop = crop["height"]
+    size = p.get("size", {"shortest_edge": side})
+    shortest = size.get("shortest_edge", side) if isinstance(size, Mapping) else size
+    pins = p.get("image_grid_pinpoints", config.image_grid_pinpoints)
+    resample = p.get("resample", 3)
+    resample = RESAMPLE_NAMES.get(resample, resample) if isinstance(resample, int) else str(resample).lower()
+    return ImageProcessorSpec(
+        crop_size=int(crop),
+        shortest_edge=int(shortest),
+        grid_pinpoints=tuple((int(h), int(w)) for h, w in pins),
+        image_mean=tuple(float(x) for x in p.get("image_mean", CLIP_MEAN)),
+        image_std=tuple(float(x) for x in p.get("image_std", CLIP_STD)),
+        rescale_factor=float(p.get("rescale_factor", 1 / 255)),
+        resample=resample,
+    )
+
+
+def vision_spec(config) -> VisionSpec:
+    """Vision facts of a LlavaNextConfig; early/late are 0-based blocks (late = last block the features need)."""
+    vc = config.vision_config
+    layers = vision_layers(config)
+    image, patch = int(vc.image_size), int(vc.patch_size)
+    return VisionSpec(
+        num_layers=layers.num_layers,
+        heads=int(vc.num_attention_heads),
+        hidden_size=int(vc.hidden_size),
+        image_size=image,
+        patch_size=patch,
+        tokens_per_image=(image // patch) ** 2,
+        feature_layer=layers.feature_layer,
+        early_layer=layers.early_layer,
+        late_layer=layers.late_layer,
+    )
+
+
+def text_spec(config) -> TextSpec:
+    """Text model facts of a LlavaNextConfig (KV cache shape, vocab, context length)."""
+    tc = config.text_config
+    num_layers, kv, head_dim = text_shape(config)
+    return TextSpec(
+        hidden_size=int(tc.hidden_size),
+        num_layers=num_layers,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        vocab_size=int(tc.vocab_size),
+        max_position_embeddings=int(tc.max_position_embeddings),
+    )
+
+
+def token_ids(config, tokenizer_json: Path) -> TokenIds:
+    """Image/BOS/EOS/PAD ids: the config's, else the tokenizer's; PAD falls back to EOS when neither has one.
+
+    Raises ExportError when tokenizer.json does not map `<image>` to the config's image token id.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tc = config.text_config
+    image = int(getattr(config, "image_token_id", None) or config.image_token_index)
+    got = tok.token_to_id(IMAGE_PLACEHOLDER)
+    if got != image:
+        raise ExportError(
+            f"tokenizer.json maps {IMAGE_PLACEHOLDER} to {got}, the config's image_token_index is {image}; "
+            "the tokenizer does not belong to this checkpoint"
+        )
+
+    def pick(config_value, *pieces: str) -> int | None:
+        if isinstance(config_value, list):
+            config_value = config_value[0] if config_value else None
+        if config_value is not None:
+            return int(config_value)
+        for piece in pieces:
+            found = tok.token_to_id(piece)
+            if found is not None:
+                return int(found)
+        return None
+
+    bos = pick(getattr(tc, "bos_token_id", None), "<s>")
+    eos = pick(getattr(tc, "eos_token_id", None), "</s>")
+    pad = pick(getattr(tc, "pad_token_id", None), "<pad>")
+    if bos is None or eos is None:
+        raise ExportError("neither the config nor tokenizer.json names BOS/EOS tokens; add bos/eos_token_id to config.json")
+    return TokenIds(image=image, bos=bos, eos=eos, pad=eos if pad is None else pad)
+
+
+def describe_tokenizer(kind: str) -> str:
+    """manifest.model.tokenizer: "checkpoint", or what stands in for the checkpoint's tokenizer."""
+    if kind == "checkpoint":
+        return "checkpoint"
+    if kind == "offline-mistral-sp":
+        return "offline-mistral-sp (stand-in: mistral-common's Mistral sentencepiece + <image>, not the checkpoint's)"
+    return kind
+
+
+def build_manifest(
+    *,
+    config,
+    model_info: ModelInfo,
+    processor: Mapping[str, Any] | None,
+    prompt_template: str,
+    add_bos: bool,
+    files: dict[str, str],
+    sha256: dict[str, str],
+    tokenizer_json: Path,
+    export_info: dict[str, Any],
+) -> Manifest:
+    """The bundle's Manifest from a LlavaNextConfig and what was written."""
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        model=model_info,
+        files=files,
+        sha256=sha256,
+        image_processor=image_processor_spec(config, processor),
+        vision=vision_spec(config),
+        text=text_spec(config),
+        tokens=token_ids(config, tokenizer_json),
+        prompt=PromptSpec(template=prompt_template, add_bos=bool(add_bos), image_placeholder=IMAGE_PLACEHOLDER),
+        graphs=graph_specs(),
+        hired=HIRED_DEFAULTS,
+        export_info=export_info,
+    )
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """manifest.json in `folder`, then read back through Manifest.from_file (keys, types, hashes)."""
+    path = folder / MANIFEST_NAME
+    manifest.to_file(path)
+    Manifest.from_file(folder)
+    return path
+
+
+def human_size(n: int) -> str:
+    """Bytes as '12.3 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def folder_bytes(folder: Path, names: Mapping[str, str]) -> int:
+    return sum((folder / f).stat().st_size for f in names.values() if (folder / f).is_file())
+
+
+Log = Callable[[str], None]

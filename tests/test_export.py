@@ -1,0 +1,393 @@
+"""export/: the tiny checkpoint -> bundle: files and manifest, graph structure, parity with PyTorch, CLI errors, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import __main__ as cli
+from export.bundle import file_table
+from export.decoder import export_decoder
+from export.errors import ExportError, VerificationError
+from export.pipeline import export_model
+from export.projector import export_projector
+from export.verify import compare, verify_bundle
+from models import registry
+from runtime.manifest import MANIFEST_NAME, STAMP_NAME, Manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED_FILES = {
+    "vision": "vision.onnx",
+    "projector": "projector.onnx",
+    "decoder": "decoder.onnx",
+    "embed_tokens": "embed_tokens.npy",
+    "image_newline": "image_newline.npy",
+    "tokenizer": "tokenizer.json",
+}
+TOKENS = 577  # CLS + 24 x 24 patches
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def vision_graph(tiny_bundle) -> onnx.ModelProto:
+    return onnx.load(str(tiny_bundle / "vision.onnx"))
+
+
+def shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Tensor name -> shape (ints and dim names) for every value the exporter annotated."""
+    values = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    return {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in values}
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def nearest_upstream(model: onnx.ModelProto, tensor: str, op_type: str) -> onnx.NodeProto:
+    """The first node of `op_type` met walking back (breadth-first) from `tensor`."""
+    made_by = producers(model)
+    frontier, seen = [tensor], set()
+    while frontier:
+        name = frontier.pop(0)
+        node = made_by.get(name)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == op_type:
+            return node
+        frontier.extend(node.input)
+    raise AssertionError(f"no {op_type} upstream of {tensor}")
+
+
+# ---------------------------------------------------------------------------------------------- bundle
+def test_bundle_holds_exactly_the_listed_files_and_passes_the_hash_check(tiny_bundle):
+    m = Manifest.from_file(tiny_bundle)  # checks keys, types and every sha256
+    assert m.files == EXPECTED_FILES  # tiny graphs are far below 2 GB: no external data
+    on_disk = {p.name for p in tiny_bundle.iterdir()} - {STAMP_NAME}
+    assert on_disk == set(EXPECTED_FILES.values()) | {MANIFEST_NAME}
+
+
+def test_manifest_numbers_come_from_the_checkpoint(tiny_bundle, tiny_checkpoint):
+    m = Manifest.from_file(tiny_bundle)
+    entry = registry.get("tiny")
+    assert (m.model.name, m.model.dtype, m.model.random_weights) == ("tiny", "fp32", True)
+    assert m.model.tokenizer.startswith("offline-mistral-sp")
+    assert (m.vision.num_layers, m.vision.heads, m.vision.hidden_size) == (6, 4, 128)
+    assert (m.vision.feature_layer, m.vision.early_layer, m.vision.late_layer) == (-2, 0, 4)
+    assert m.vision.tokens_per_image == 576
+    assert (m.text.num_layers, m.text.num_kv_heads, m.text.head_dim, m.text.vocab_size) == (2, 2, 32, 32064)
+    assert m.text.max_position_embeddings == 32768
+    assert (m.tokens.image, m.tokens.bos, m.tokens.eos, m.tokens.pad) == (32000, 1, 2, 0)
+    assert m.image_processor.grid_pinpoints == ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    assert (m.image_processor.crop_size, m.image_processor.shortest_edge, m.image_processor.resample) == (
+        336,
+        336,
+        "bicubic",
+    )
+    assert m.image_processor.rescale_factor == pytest.approx(1 / 255)
+    assert m.image_processor.image_mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert (m.prompt.template, m.prompt.add_bos) == (entry.prompt_template, True)
+    assert (m.hired.rate, m.hired.alpha, m.hired.distribution, m.hired.newlines) == (0.2, 0.5, "spatial", "none")
+    assert m.graphs["decoder"].inputs["past_key"] == "past_key_values.{i}.key"
+    assert m.graphs["decoder"].outputs["present_value"] == "present.{i}.value"
+    assert m.graphs["vision"].outputs == {
+        "features": "image_features",
+        "early_scores": "early_scores",
+        "late_scores": "late_scores",
+    }
+    assert m.export_info["opset"] == 23 and m.export_info["min_onnxruntime"] == "1.23"
+    assert set(m.export_info["versions"]) >= {"torch", "transformers", "onnx"}
+
+
+def test_arrays_and_tokenizer_match_the_checkpoint(tiny_bundle, tiny_model):
+    from tokenizers import Tokenizer
+
+    embed = np.load(tiny_bundle / "embed_tokens.npy")
+    newline = np.load(tiny_bundle / "image_newline.npy")
+    assert embed.dtype == np.float32 and embed.shape == (32064, 128)
+    np.testing.assert_array_equal(embed, tiny_model.get_input_embeddings().weight.detach().numpy())
+    np.testing.assert_array_equal(newline, tiny_model.model.image_newline.detach().numpy())
+    tok = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+    assert tok.token_to_id("<image>") == 32000
+
+
+def test_every_graph_passes_the_onnx_checker_with_the_contract_tensor_names(tiny_bundle):
+    io = {}
+    for name in ("vision", "projector", "decoder"):
+        path = tiny_bundle / f"{name}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        io[name] = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+    assert io["vision"] == (["pixel_values"], ["image_features", "early_scores", "late_scores"])
+    assert io["projector"] == (["image_features"], ["projected_features"])
+    kv_in = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    kv_out = [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert io["decoder"] == (["inputs_embeds", "attention_mask", "position_ids", *kv_in], ["logits", *kv_out])
+
+
+# ---------------------------------------------------------------------------------------------- vision graph
+def test_vision_graph_stops_before_the_last_encoder_block(vision_graph, tiny_model):
+    ops = [n.op_type for n in vision_graph.graph.node]
+    assert ops.count("Attention") == 5  # blocks 0..4 of 6 run their (fused) attention; block 5 is absent
+    tower = tiny_model.model.vision_tower
+    weights = sum(int(np.prod(t.dims)) for t in vision_graph.graph.initializer)
+    without_tail = sum(p.numel() for p in tower.parameters()) - sum(
+        p.numel() for m in (tower.encoder.layers[5], tower.post_layernorm) for p in m.parameters()
+    )
+    assert weights <= without_tail
+
+
+def test_scores_are_one_cls_query_row_not_a_full_attention_matrix(vision_graph):
+    shape = shapes(vision_graph)
+    for output in ("early_scores", "late_scores"):
+        softmax = nearest_upstream(vision_graph, output, "Softmax")
+        assert shape[softmax.input[0]] == ["crops", 4, 1, TOKENS]  # [crops, heads, 1 query, 577 keys]
+        matmul = nearest_upstream(vision_graph, softmax.input[0], "MatMul")
+        query, keys = (shape[i] for i in matmul.input)
+        assert query[-2] == 1 and keys[-1] == TOKENS
+    full = [n for n in vision_graph.graph.node if shape.get(n.output[0], [])[-2:] == [TOKENS, TOKENS]]
+    assert full == []  # no [.., 577, 577] tensor anywhere in the graph
+
+
+def test_vision_axes_are_dynamic_and_scores_float32(tiny_bundle):
+    sess = ort.InferenceSession(str(tiny_bundle / "vision.onnx"), providers=["CPUExecutionProvider"])
+    for crops in (1, 3, 6):
+        features, early, late = sess.run(None, {"pixel_values": np.zeros((crops, 3, 336, 336), np.float32)})
+        assert features.shape == (crops, 576, 128)
+        assert early.shape == late.shape == (crops, 576) and early.dtype == late.dtype == np.float32
+        assert np.all(early >= 0) and np.all(early.sum(axis=1) < 4.0)  # 4 heads, CLS column excluded
+
+
+# ---------------------------------------------------------------------------------------------- parity
+def test_verify_passes_with_tiny_errors_and_twenty_equal_greedy_tokens(tiny_bundle, tiny_model):
+    lines = []
+    report = verify_bundle(tiny_bundle, tiny_model, log=lines.append)
+    assert report.ok
+    assert report.ort_tokens == report.torch_tokens and len(report.torch_tokens) == 20
+    names = [c.name for c in report.checks]
+    assert sum("vision" in n for n in names) == 6 and any("projector" in n for n in names)
+    assert all(c.rel < 1e-4 for c in report.checks)
+    assert any("20/20 steps agree" in line for line in lines)
+
+
+def test_verify_fails_loudly_when_the_graphs_come_from_other_weights(tiny_bundle, tiny_checkpoint):
+    from transformers import LlavaNextForConditionalGeneration
+
+    other = LlavaNextForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
+    with torch.no_grad():
+        other.model.multi_modal_projector.linear_2.bias.add_(0.5)
+    with pytest.raises(VerificationError, match=r"projector \(123 kept tokens\)"):
+        verify_bundle(tiny_bundle, other)
+
+
+def test_compare_is_relative_to_the_reference_scale():
+    ref = np.array([0.0, 2.0, -4.0])
+    check = compare("x", ref + np.array([0.0, 0.0, 4e-4]), ref, tol=1e-4)
+    assert check.max_abs == pytest.approx(4e-4) and check.rel == pytest.approx(1e-4) and check.ok
+    assert not compare("x", ref + 1e-3, ref, tol=1e-4).ok
+    assert not compare("x", np.array([np.nan, 2.0, -4.0]), ref, tol=1e-4).ok
+
+
+def test_decoder_exports_at_opset_18_and_runs_with_an_empty_past(tmp_path):
+    from models.build import random_model
+
+    config = registry.get("tiny").llava_config()
+    config.text_config.num_hidden_layers = 1  # one block keeps this second decoder export short
+    model = random_model(config, seed=0)
+    path = export_decoder(model, tmp_path / "decoder18.onnx", opset=18)
+    graph = onnx.load(str(path))
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 18
+    assert "Attention" not in {n.op_type for n in graph.graph.node}  # opset 18 has no Attention op
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    embeds = np.random.default_rng(0).normal(0, 0.02, (1, 31, 128)).astype(np.float32)
+
+    def run(chunk, start, past):
+        feeds = {
+            "inputs_embeds": chunk,
+            "attention_mask": np.ones((1, start + chunk.shape[1]), np.int64),
+            "position_ids": np.arange(start, start + chunk.shape[1])[None],
+            "past_key_values.0.key": past[0],
+            "past_key_values.0.value": past[1],
+        }
+        return sess.run(None, feeds)
+
+    empty = [np.zeros((1, 2, 0, 32), np.float32)] * 2
+    logits, *present = run(embeds[:, :30], 0, empty)  # prefill
+    step_logits, *step_present = run(embeds[:, 30:], 30, present)  # one decode step
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=torch.from_numpy(embeds)).last_hidden_state
+        ref = model.lm_head(hidden).numpy()
+    assert logits.shape == (1, 1, 32064) and present[0].shape == (1, 2, 30, 32) and step_present[0].shape == (1, 2, 31, 32)
+    assert compare("prefill", logits[0, 0], ref[0, 29], 1e-4).ok
+    assert compare("step", step_logits[0, 0], ref[0, 30], 1e-4).ok
+
+
+def test_external_data_goes_to_one_file_beside_the_graph(tiny_model, tmp_path):
+    path = export_projector(tiny_model, tmp_path / "projector.onnx", opset=23, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projector.onnx", "projector.onnx.data"]
+    files, sha = file_table(tmp_path, {"projector": "projector.onnx"})
+    assert files == {"projector": "projector.onnx", "projector_data": "projector.onnx.data"} and set(sha) == set(files)
+    x = np.random.default_rng(0).normal(size=(9, 128)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image_features": x})[0]
+    with torch.no_grad():
+        ref = tiny_model.model.multi_modal_projector(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- CLI errors
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Staging or old-bundle folders left beside bundles in `parent`."""
+    return sorted(p.name for p in parent.iterdir() if ".export-" in p.name or ".old-" in p.name)
+
+
+def test_unknown_model_name_lists_the_known_ones_with_exit_code_2(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run(
+        [sys.executable, "-m", "export", "--model", "llava-next-70b", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    error = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "llava-next-70b" in error[0]
+    for name in registry.names():
+        assert name in error[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_registry_model_not_on_disk_gets_the_download_hint(capsys, tmp_path, monkeypatch):
+    from models.load import CheckpointNotFound, resolve_checkpoint
+
+    try:
+        resolve_checkpoint("llava-next-7b")
+        pytest.skip("llava-next-7b is on this machine")
+    except CheckpointNotFound:
+        pass
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "--model", "llava-next-7b", "--out", str(tmp_path / "out"))
+    assert code == 2 and "download llava-hf/llava-v1.6-vicuna-7b-hf" in err and "--random-weights" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_out_without_force_is_refused_and_left_alone(capsys, tmp_path, tiny_checkpoint):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(out))
+    assert code == 2 and "already exists; pass --force" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
+
+
+def test_folder_that_is_not_llava_next_is_refused(capsys, tmp_path):
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, err = run_main(capsys, "--model", str(folder), "--out", str(tmp_path / "out"))
+    assert code == 2 and "is not a LLaVA-NeXT checkpoint" in err and "'bert'" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_checkpoint_without_tokenizer_is_refused_unless_random_weights(capsys, tmp_path, tiny_checkpoint):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "prompt_template.json"):
+        shutil.copy(tiny_checkpoint / f, folder / f)
+    code, err = run_main(capsys, "--model", str(folder), "--out", str(tmp_path / "out"))
+    assert code == 2 and "has no tokenizer" in err and "--random-weights" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_unwritable_out_is_refused(capsys, tmp_path, tiny_checkpoint):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(blocker / "bundle"))
+    assert code == 2 and "cannot write to" in err
+    code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(blocker), "--force")
+    assert code == 2 and "is not a folder" in err
+
+
+def test_help_explains_every_flag_and_the_onnxruntime_versions(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--model", "--out", "--random-weights", "--dtype", "--opset", "--verify", "--force"):
+        assert flag in text
+    assert "onnxruntime >= 1.23" in text and "onnxruntime >= 1.14" in text
+
+
+# ---------------------------------------------------------------------------------------------- atomicity
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Replace the three graph writers with instant ones; the decoder's can be told to fail half-way."""
+    state = {"fail": None}
+
+    def small(model, path, *, opset, external_data=None):
+        Path(path).write_bytes(b"graph")
+        return Path(path)
+
+    def decoder(model, path, *, opset, external_data=None):
+        Path(path).write_bytes(b"half a decod")
+        if state["fail"] is not None:
+            raise state["fail"]
+        Path(path).write_bytes(b"decoder")
+        return Path(path)
+
+    monkeypatch.setattr("export.vision.export_vision", small)
+    monkeypatch.setattr("export.projector.export_projector", small)
+    monkeypatch.setattr("export.decoder.export_decoder", decoder)
+    return state
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("exporter crashed"), KeyboardInterrupt()])
+def test_a_failed_export_leaves_the_old_bundle_and_no_partial_one(tmp_path, tiny_checkpoint, fake_graphs, failure):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text("old bundle")
+    fake_graphs["fail"] = failure
+    with pytest.raises(type(failure)):
+        export_model(tiny_checkpoint, out, force=True, log=lambda _m: None)
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
+    assert (out / "manifest.json").read_text() == "old bundle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_force_replaces_the_old_bundle_as_a_whole(tmp_path, tiny_checkpoint, fake_graphs):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "stale.onnx").write_text("old")
+    export_model(tiny_checkpoint, out, force=True, log=lambda _m: None)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*EXPECTED_FILES.values(), MANIFEST_NAME, STAMP_NAME])
+    assert Manifest.from_file(out).files == EXPECTED_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_bad_dtype_or_opset_is_an_export_error_before_anything_is_written(tmp_path, tiny_checkpoint):
+    with pytest.raises(ExportError, match="--dtype must be one of fp32, fp16"):
+        export_model(tiny_checkpoint, tmp_path / "a", dtype="bf16")
+    with pytest.raises(ExportError, match="--opset must be one of 18"):
+        export_model(tiny_checkpoint, tmp_path / "a", opset=17)
+    assert list(tmp_path.iterdir()) == []
