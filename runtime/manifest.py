@@ -175,10 +175,15 @@ class Manifest:
             raise BundleError(f"manifest.json lists no file {name!r}; {_FIX}")
         rel = self.files[name]
         if os.path.isabs(rel) or rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
-            raise BundleError(f"manifest file {name!r} = {rel!r} points outside the bundle folder; refusing it")
+            raise BundleError(
+                f"manifest file {name!r} = {rel!r} points outside the bundle folder; refusing it; {_FIX}"
+            )
         full = (self.root / rel).resolve()
         if self.root != full and self.root not in full.parents:
-            raise BundleError(f"{rel} resolves outside the bundle folder (symlink?); refusing it")
+            raise BundleError(
+                f"{rel} resolves outside the bundle folder (symlink?); refusing it; copy the file into the "
+                f"bundle, or {_FIX}"
+            )
         return full
 
     def verify_files(self) -> None:
