@@ -131,7 +131,9 @@ def parse_row(data: dict[str, np.ndarray], row: int) -> Call:
     image = data["image"][row] if has_array else _bytes(data["image_bytes"][row])
     raw_prompt = _bytes(data["prompt"][row])
     try:
-        prompt = raw_prompt.decode("utf-8")
+        prompt = raw_prompt.decode(
+            "utf-8", "surrogatepass"
+        )  # a lone surrogate reaches the Pipeline's own check
     except UnicodeDecodeError as e:
         raise PromptError(
             f"prompt is not valid UTF-8 ({e.reason} at byte {e.start}); send UTF-8 text"

@@ -1,0 +1,219 @@
+"""Serving throughput and latency: the local Pipeline against `python -m runtime.serve` (gRPC and HTTP), same run.
+
+    python -m bench.serve_bench --artifacts artifacts/tiny                  # 1 and 8 clients, 24 requests each
+    python -m bench.serve_bench --artifacts DIR --clients 1 4 16 --requests 48 --json bench-results/serve.json
+
+Every client is a thread sending one request after another (the same VGA frame, greedy, --max-new-tokens);
+"local" threads share one in-process Pipeline, "served" threads share one RemotePipeline. The server is
+started here on free loopback ports (its serving venv is created first if needed) and stopped at the end.
+Server and clients share this machine's cores, so on a small CPU box the served numbers include the
+clients' own work. Prints a markdown table: requests/s over the whole run, p50/p95 latency per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "What is in this picture?"
+
+
+def frame(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A seeded uint8 [H, W, 3] camera-like frame (gradients and blocks)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    for _ in range(6):
+        y0, x0 = rng.integers(0, height), rng.integers(0, width)
+        img[y0 : y0 + height // 5, x0 : x0 + width // 5] = rng.integers(0, 256, 3)
+    return img.astype(np.uint8)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
+
+
+def run_clients(call: Callable[[], object], clients: int, requests: int) -> dict:
+    """`requests` calls of `call` spread over `clients` threads; latency per call and throughput of the run."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    left = [requests]
+    errors: list[BaseException] = []
+
+    def worker():
+        while True:
+            with lock:
+                if left[0] == 0 or errors:
+                    return
+                left[0] -= 1
+            t = time.perf_counter()
+            try:
+                call()
+            except BaseException as e:  # reported after the run, not swallowed
+                with lock:
+                    errors.append(e)
+                return
+            with lock:
+                latencies.append((time.perf_counter() - t) * 1000)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"a request failed during the benchmark: {type(errors[0]).__name__}: {errors[0]}")
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "req_per_s": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
+        "wall_s": wall,
+    }
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    lines = [
+        "| engine | clients | requests | req/s | p50 ms | p95 ms |",
+        "| :--- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['p50_ms']:.0f} "
+            f"| {r['p95_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Server:
+    """`python -m runtime.serve` as a subprocess on free loopback ports; stopped with SIGTERM on exit."""
+
+    def __init__(self, artifacts: str, max_batch: int):
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-bench-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "runtime.serve", "--artifacts", artifacts, "--http-port", str(self.http),
+               "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--max-batch", str(max_batch)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        from runtime.errors import RemoteError
+        from runtime.remote import RemotePipeline
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"runtime.serve exited with {self.proc.returncode}; log: {self.log.name}")
+            try:
+                RemotePipeline(f"127.0.0.1:{self.grpc}", timeout_s=5).close()
+                return
+            except RemoteError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"runtime.serve not ready in {timeout_s:.0f} s; log: {self.log.name}"
+                    ) from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_tokens: int, height: int, width: int,
+          warmup: int = 2, say: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+    from runtime.pipeline import Pipeline
+    from runtime.remote import RemotePipeline
+
+    image = frame(height, width)
+    server = Server(artifacts, max_batch=max(clients))
+    rows = []
+    try:
+        with Pipeline.load(artifacts) as pipe:
+            want = pipe.generate(image, PROMPT, max_new_tokens=max_new_tokens).token_ids
+            say(f"local Pipeline loaded ({pipe.provider}); waiting for the server (log: {server.log.name})")
+            server.wait_ready()
+            remotes = {
+                "served, gRPC": RemotePipeline(f"127.0.0.1:{server.grpc}"),
+                "served, HTTP": RemotePipeline(f"http://127.0.0.1:{server.http}"),
+            }
+            for name, remote in remotes.items():
+                got = remote.generate(image, PROMPT, max_new_tokens=max_new_tokens).token_ids
+                if got != want:
+                    raise RuntimeError(f"{name} gave tokens {got}, the local Pipeline {want}")
+            engines = {"local Pipeline": pipe, **remotes}
+            for n in clients:
+                for name, engine in engines.items():
+
+                    def call(engine=engine):
+                        return engine.generate(image, PROMPT, max_new_tokens=max_new_tokens)
+
+                    for _ in range(warmup):
+                        call()
+                    row = {"engine": name, **run_clients(call, n, requests)}
+                    say(f"{name}, {n} client(s): {row['req_per_s']:.2f} req/s, p50 {row['p50_ms']:.0f} ms")
+                    rows.append(row)
+            for remote in remotes.values():
+                remote.close()
+    finally:
+        server.stop()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.serve_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--artifacts", required=True, metavar="DIR", help="bundle folder (e.g. artifacts/tiny)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients (default: 1 8)")
+    p.add_argument("--requests", type=int, default=24, help="timed requests per engine and client count")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="new tokens per request (default 8)")
+    p.add_argument("--size", default="480x640", metavar="HxW", help="frame height x width (default 480x640)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    a = p.parse_args(argv)
+    height, width = (int(v) for v in a.size.lower().split("x"))
+    say = lambda msg: print(f"[serve_bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    load_before = os.getloadavg()[0]
+    rows = bench(a.artifacts, clients=a.clients, requests=a.requests, max_new_tokens=a.max_new_tokens,
+                 height=height, width=width, say=say)  # fmt: skip
+    print(
+        f"\n{height}x{width} frame, {a.max_new_tokens} new tokens, greedy; {a.requests} timed requests per row; "
+        f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+    )
+    print(markdown(rows))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
