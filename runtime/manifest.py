@@ -187,7 +187,7 @@ class Manifest:
         return full
 
     def verify_files(self) -> None:
-        """Every listed file exists inside the bundle and matches its sha256 (a size+mtime stamp skips re-hashing)."""
+        """Every listed file exists inside the bundle and matches its sha256 (a size+mtime+ctime+inode stamp skips re-hashing)."""
         stamp_path = self.root / STAMP_NAME if self.root else None
         stamp = _read_stamp(stamp_path)
         new_stamp = {}
@@ -196,7 +196,9 @@ class Manifest:
             if not full.is_file():
                 raise BundleError(f"{self.files[name]} is missing from the bundle {self.root}; {_FIX}")
             st = full.stat()
-            key = [st.st_size, st.st_mtime_ns, self.sha256[name]]
+            # ctime and inode too: size and mtime alone survive an edit followed by os.utime (or touch -r),
+            # and ctime cannot be set back. A copy to another machine changes both: it is hashed once there.
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, self.sha256[name]]
             if stamp.get(self.files[name]) != key:
                 digest = sha256_file(full)
                 if digest != self.sha256[name]:
