@@ -206,3 +206,83 @@ def test_float16_run_keeps_float32_scores_and_the_same_budget(loaded):
     assert out.early_scores.dtype == np.float32 and np.isfinite(out.late_scores).all()
     layout = out.layout
     assert out.plan.kept == min(int(layout.n_images * 576 * 0.2), 576 + int(layout.capacities.sum()))
+
+
+# ---------------------------------------------------------------------------------------------- export.large
+# The 7B-shaped streaming route (meta-device graphs, streamed seeded initialisers), on the tiny config.
+
+
+def test_random_weights_depend_only_on_seed_and_name():
+    from export.large import RandomWeights, TensorSpec
+
+    spec = TensorSpec("model.x.weight", (64, 32), np.dtype(np.float16), "normal", 0.02)
+    a, b = RandomWeights(7)(spec), RandomWeights(7)(spec)
+    other = RandomWeights(7)(TensorSpec("model.y.weight", (64, 32), np.dtype(np.float16), "normal", 0.02))
+    assert a.dtype == np.float16 and a.shape == (64, 32)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, other) and not np.array_equal(a, RandomWeights(8)(spec))
+    big = RandomWeights(0)(TensorSpec("w", (400, 500), np.dtype(np.float32), "normal", 0.02))
+    assert abs(float(big.mean())) < 1e-3 and abs(float(big.std()) - 0.02) < 1e-3
+    ones = RandomWeights(0)(TensorSpec("n.weight", (5,), np.dtype(np.float32), "ones", 0.02))
+    zeros = RandomWeights(0)(TensorSpec("n.bias", (5,), np.dtype(np.float32), "zeros", 0.02))
+    assert (ones == 1).all() and (zeros == 0).all()
+
+
+def test_meta_model_holds_no_weights_but_real_buffers():
+    from export.large import meta_model, param_specs
+    from models.registry import get
+
+    model, buffers = meta_model(get("tiny").llava_config(), torch.float16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    ids = buffers["model.vision_tower.embeddings.position_ids"]
+    assert ids.device.type == "cpu" and torch.equal(ids[0], torch.arange(577))
+    assert torch.isfinite(buffers["model.language_model.rotary_emb.inv_freq"]).all()
+    kinds = {name: kind for name, kind, _ in param_specs(model).values()}
+    assert kinds["model.vision_tower.pre_layrnorm.weight"] == "ones"
+    assert kinds["model.language_model.norm.weight"] == "ones"
+    assert kinds["model.vision_tower.pre_layrnorm.bias"] == "zeros"
+    assert kinds["lm_head.weight"] == "normal"
+
+
+def shrunken_tiny(folder):
+    """A config folder of `tiny` with fewer blocks (vision 3, text 1): the same shapes, a faster trace."""
+    from transformers import LlavaNextConfig
+
+    from models.registry import get
+
+    fields = get("tiny").config_dict()
+    fields["vision_config"]["num_hidden_layers"] = 3  # feature layer -2: blocks 0 and 1 run; late block 1
+    fields["text_config"]["num_hidden_layers"] = 1
+    LlavaNextConfig(**fields).save_pretrained(folder)
+    return folder
+
+
+def test_streamed_bundle_matches_its_torch_twin(tmp_path):
+    """export_large in onnxruntime equals the torch model with the same seeded weights (export.verify),
+    and the hashes computed while streaming are the files' sha256."""
+    import onnx
+    from transformers import LlavaNextConfig
+
+    from export.large import RandomWeights, check_bundle, export_large, materialize
+    from export.verify import verify_bundle
+    from runtime.manifest import Manifest
+
+    config_dir = shrunken_tiny(tmp_path / "tiny-3x1")
+    out = export_large(config_dir, tmp_path / "bundle", dtype="fp32", seed=3, log=None)
+    manifest = Manifest.from_file(out)  # re-hashes every file against the streamed sha256
+    assert manifest.files["decoder_data"] == "decoder.onnx.data" and manifest.model.random_weights
+    assert manifest.export_info["seed"] == 3 and manifest.export_info["peak_rss_bytes"] > 0
+    assert (manifest.vision.early_layer, manifest.vision.late_layer, manifest.text.num_layers) == (0, 1, 1)
+    decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    inline = [t for t in decoder.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert all(int(np.prod(t.dims)) < 4096 for t in inline)  # only buffers and folded constants stay inline
+    external = {t.name for t in decoder.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert {"head.weight", "lm.norm.weight"} <= external and "lm.embed_tokens.weight" not in external
+    lines = check_bundle(out, log=None)  # onnx.checker, graph I/O against the manifest, 1 crop in onnxruntime
+    assert len(lines) == 5
+
+    twin = materialize(LlavaNextConfig.from_pretrained(config_dir), RandomWeights(3))
+    embed = np.load(out / "embed_tokens.npy")
+    np.testing.assert_array_equal(embed, twin.get_input_embeddings().weight.detach().numpy())
+    assert verify_bundle(out, twin, log=None, steps=8).ok
