@@ -239,6 +239,9 @@ def torch_greedy(model, embeds: np.ndarray, steps: int, eos: int):
             max_new_tokens=steps,
             do_sample=False,
             num_beams=1,
+            repetition_penalty=1.0,  # neutral processors, whatever the checkpoint's generation_config says
+            no_repeat_ngram_size=0,
+            min_length=0,
             eos_token_id=eos,
             pad_token_id=eos,
             output_logits=True,

@@ -391,3 +391,41 @@ def test_bad_dtype_or_opset_is_an_export_error_before_anything_is_written(tmp_pa
     with pytest.raises(ExportError, match="--opset must be one of 18"):
         export_model(tiny_checkpoint, tmp_path / "a", opset=17)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_exits_1_and_keeps_the_bundle_beside_out(capsys, tmp_path, tiny_checkpoint, fake_graphs, monkeypatch):
+    def mismatch(folder, model, **_):
+        assert Manifest.from_file(folder).files == EXPECTED_FILES  # verification sees the finished bundle
+        raise VerificationError("bundle does not match PyTorch (fp32): projector rel 0.3 (tol 0.0001)")
+
+    monkeypatch.setattr("export.verify.verify_bundle", mismatch)
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text("old bundle")
+    code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(out), "--force", "--verify")
+    assert code == 1 and "error: bundle does not match PyTorch" in err
+    assert (out / "manifest.json").read_text() == "old bundle"
+    kept = tmp_path / "bundle.unverified"
+    assert Manifest.from_file(kept).files == EXPECTED_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.unverified"]
+
+
+def test_random_weights_without_a_checkpoint_use_the_offline_tokenizer_and_say_so(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer
+
+    from export.bundle import describe_tokenizer, write_tokenizer
+    from export.pipeline import load_for_export
+    from models import load
+
+    def nowhere(name):
+        raise load.CheckpointNotFound(f"no {name} here")
+
+    monkeypatch.setattr(load, "resolve_checkpoint", nowhere)  # as if checkpoints/tiny had never been built
+    model, tokenizer, meta = load_for_export("tiny", random_weights=True, dtype="fp32")
+    assert meta.random_weights and meta.checkpoint is None and meta.tokenizer_kind == "offline-mistral-sp"
+    assert "stand-in" in describe_tokenizer(meta.tokenizer_kind)
+    path = write_tokenizer(tokenizer, None, tmp_path)
+    tok = Tokenizer.from_file(str(path))
+    text = meta.prompt_template.format(prompt="What is in this picture?")
+    assert tok.encode(text, add_special_tokens=False).ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tok.token_to_id("<image>") == 32000
