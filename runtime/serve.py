@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -130,10 +131,8 @@ def parse_row(data: dict[str, np.ndarray], row: int) -> Call:
         )
     image = data["image"][row] if has_array else _bytes(data["image_bytes"][row])
     raw_prompt = _bytes(data["prompt"][row])
-    try:
-        prompt = raw_prompt.decode(
-            "utf-8", "surrogatepass"
-        )  # a lone surrogate reaches the Pipeline's own check
+    try:  # surrogatepass: a lone surrogate (sent by RemotePipeline) reaches the Pipeline's own PromptError
+        prompt = raw_prompt.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError as e:
         raise PromptError(
             f"prompt is not valid UTF-8 ({e.reason} at byte {e.start}); send UTF-8 text"
@@ -373,6 +372,24 @@ def check_config(cfg: ServeConfig) -> None:
         raise HiredError(f"--queue-delay-us must be >= 0, got {cfg.queue_delay_us}")
 
 
+def check_ports_free(cfg: ServeConfig) -> None:
+    """Refuse ports something else holds, before tritonserver fails on them (PyTriton would wait minutes)."""
+    ports = {"--http-port": cfg.http_port, "--grpc-port": cfg.grpc_port, "--metrics-port": cfg.metrics_port}
+    for flag, port in ports.items():
+        try:
+            family, _, _, _, address = socket.getaddrinfo(cfg.host, port, type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+                )  # as servers do: TIME_WAIT is fine
+                probe.bind(address)
+        except OSError as e:
+            raise HiredError(
+                f"{flag} {port}: cannot listen on {cfg.host}:{port} ({e.strerror or e}); "
+                "pick a free port or stop what holds it"
+            ) from None
+
+
 def serve(cfg: ServeConfig, *, say: Callable[[str], None]) -> int:
     """Load the bundle, serve it until SIGINT/SIGTERM (or tritonserver dies), then clean up. Returns an exit code."""
     from concurrent.futures import ThreadPoolExecutor
@@ -392,6 +409,7 @@ def serve(cfg: ServeConfig, *, say: Callable[[str], None]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
+    check_ports_free(cfg)
     t0 = time.monotonic()
     pipe = Pipeline.load(cfg.artifacts, provider=cfg.provider, threads=cfg.threads, max_pixels=cfg.max_pixels)
     executor = ThreadPoolExecutor(max_workers=cfg.max_batch, thread_name_prefix="hired-request")
@@ -425,7 +443,12 @@ def serve(cfg: ServeConfig, *, say: Callable[[str], None]) -> int:
             ),
         )
         if not stop.is_set():
-            triton.run()
+            try:
+                triton.run()
+            except Exception as e:  # PyTriton's own errors: tritonserver died or never became ready
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                say(f"error: tritonserver did not start ({type(e).__name__}: {first}); see its log above")
+                return 1
             say(
                 f"serving {cfg.artifacts} as model '{MODEL_NAME}' ({pipe.provider}) in {time.monotonic() - t0:.1f} s: "
                 f"grpc {cfg.host}:{cfg.grpc_port}, http://{cfg.host}:{cfg.http_port}, "
@@ -475,8 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_env.EXIT_ENV_FAILED
         from runtime.manifest import Manifest
 
-        try:  # refuse a wrong --artifacts before spending a minute on the environment
+        try:  # refuse a wrong --artifacts or a taken port before spending a minute on the environment
             Manifest.from_file(cfg.artifacts, verify=False)
+            check_ports_free(cfg)
         except HiredError as e:
             say(f"error: {e}")
             return e.exit_code

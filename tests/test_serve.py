@@ -239,6 +239,17 @@ def test_clashing_ports_are_refused():
         parse_args(["--artifacts", "x", "--http-port", "9000", "--grpc-port", "9000"])
 
 
+def test_a_taken_port_is_refused_before_anything_starts(tiny_bundle, capsys):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        t = time.monotonic()
+        assert main(["--artifacts", str(tiny_bundle), "--grpc-port", str(taken)]) == 2
+    assert time.monotonic() - t < 5
+    assert f"--grpc-port {taken}: cannot listen on 127.0.0.1:{taken}" in capsys.readouterr().err
+
+
 def test_unreachable_server_raises_one_line_remote_error():
     (port,) = free_ports(1)
     for address in (f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
@@ -421,7 +432,10 @@ def test_metrics_count_every_request(server):
     with RemotePipeline(f"127.0.0.1:{server['grpc']}") as remote:
         for i in range(3):
             remote.generate(picture(64, 64, seed=i), PROMPT, max_new_tokens=2)
-    assert _success_count(server) - before == 3
+    deadline = time.monotonic() + 5  # the counter is bumped as the response leaves; allow a moment
+    while (counted := _success_count(server) - before) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counted == 3
 
 
 def test_bad_input_raises_the_local_typed_error_with_the_same_message(server, pipe):
