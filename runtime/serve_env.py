@@ -32,7 +32,8 @@ ENV_MARKER = "HIRED_SERVE_ENV"  # set in the re-exec'd server: "this interpreter
 ENV_DIR_VAR = "HIRED_SERVE_VENV"  # overrides where the serving venv lives
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO_ROOT / "constraints-serve.txt"
-STAMP_NAME = ".hired-serve-stamp"
+STAMP_NAME = ".hired-serve-stamp"  # written last: the venv is complete and built from these pins
+OWNER_NAME = ".hired-serve-owner"  # written first: this folder is ours to delete
 EXIT_ENV_FAILED = 3  # `python -m runtime.serve` exit code when the serving environment cannot be made
 
 
@@ -98,8 +99,21 @@ def ensure_env(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if env_is_current(env_dir, constraints):  # another process built it while we waited
             return env_dir
+        if env_dir.exists() and not _ours(env_dir):
+            if env_python(env_dir).exists():  # a venv prepared by hand ($HIRED_SERVE_VENV): trusted as is
+                say(f"serve env: using {env_dir} as given (not built from {constraints.name})")
+                return env_dir
+            raise ServeEnvError(
+                f"{env_dir} exists but is neither a venv nor one made by runtime.serve; move it away or set "
+                f"{ENV_DIR_VAR} to another folder"
+            )
         _build(env_dir, constraints, say)
     return env_dir
+
+
+def _ours(env_dir: Path) -> bool:
+    """Made (or being made) by _build: safe to delete and rebuild."""
+    return (env_dir / OWNER_NAME).exists() or (env_dir / STAMP_NAME).exists()
 
 
 def _locked(lock) -> bool:
@@ -118,6 +132,8 @@ def _build(env_dir: Path, constraints: Path, say: Callable[[str], None]) -> None
         shutil.rmtree(env_dir)
     base_python = getattr(sys, "_base_executable", None) or sys.executable
     say(f"serve env: creating {env_dir} with {base_python} (one time, about a minute)")
+    env_dir.mkdir(parents=True)
+    (env_dir / OWNER_NAME).write_text("made by runtime.serve_env; deleted and rebuilt when stale\n")
     _run([base_python, "-m", "venv", str(env_dir)], "python -m venv", env_dir)
     pins = sum(
         1 for line in constraints.read_text().splitlines() if "==" in line and not line.startswith("#")

@@ -282,6 +282,39 @@ def test_serving_environment_is_stamped_with_its_pins(tmp_path):
         assert environ["LD_LIBRARY_PATH"].split(os.pathsep)[:2] == [libdir, "/opt/lib"]
 
 
+def test_a_venv_made_by_hand_is_used_as_is(tmp_path):
+    from runtime import serve_env
+
+    env = tmp_path / "my-serve-venv"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").touch()
+    said = []
+    assert serve_env.ensure_env(env, say=said.append) == env
+    assert (env / "bin" / "python").exists()
+    assert said == [f"serve env: using {env} as given (not built from constraints-serve.txt)"]
+
+
+def test_a_foreign_folder_is_never_deleted(tmp_path):
+    from runtime import serve_env
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(serve_env.ServeEnvError, match="neither a venv nor one made by runtime.serve"):
+        serve_env.ensure_env(tmp_path, say=lambda _: None)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_install_says_what_failed_and_leaves_nothing(tmp_path):
+    from runtime import serve_env
+
+    pins = tmp_path / "constraints-serve.txt"
+    pins.write_text("numpy==not-a-version\n")  # refused by pip before it asks any index
+    env = tmp_path / "env"
+    with pytest.raises(serve_env.ServeEnvError, match="pip install failed") as info:
+        serve_env.ensure_env(env, constraints=pins, say=lambda _: None)
+    assert "\n" not in str(info.value)
+    assert not env.exists()
+
+
 # ---- a real server --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe(tiny_bundle):
