@@ -11,7 +11,9 @@ a failed --verify exits with 1. Progress goes to stderr, one line per stage with
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from export.errors import ExportError, VerificationError
 from export.pipeline import DEFAULT_OPSET, MIN_ONNXRUNTIME, OPSETS, export_model
@@ -72,8 +74,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, systemd, docker stop) cleans up like Ctrl-C: no staging folder left
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         export_model(
             args.model,
