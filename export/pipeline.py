@@ -175,6 +175,31 @@ def check_model_arg(model: str | os.PathLike) -> None:
     )
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_pickled_weights(model: str | os.PathLike) -> None:
+    """ExportError if the checkpoint has no safetensors weights but pickled ones (pytorch_model.bin, ...).
+
+    Unpickling an untrusted file can run code; torch's weights_only loader narrows that, it does not remove it.
+    """
+    from models.load import CheckpointError, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(model)
+    except CheckpointError:
+        return  # load_model says what is missing
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted({p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern)})
+    if pickled:
+        raise ExportError(
+            f"{folder} holds its weights only as pickled PyTorch files ({', '.join(pickled[:3])}), which hired-edge "
+            "never loads (unpickling an untrusted file can run code); convert them to safetensors on a trusted "
+            "machine (model.save_pretrained(dir, safe_serialization=True)) or pass --random-weights"
+        )
+
+
 def load_for_export(model: str | os.PathLike, *, random_weights: bool, dtype: str, seed: int = 0):
     """(torch model, tokenizer or None, BundleMeta) via models.load; its errors become one-line ExportErrors."""
     import torch
@@ -182,6 +207,8 @@ def load_for_export(model: str | os.PathLike, *, random_weights: bool, dtype: st
     from models.load import CheckpointError, load_model
 
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    if not random_weights:
+        refuse_pickled_weights(model)
     try:
         loaded, tokenizer, info = load_model(model, random_weights=random_weights, dtype=torch_dtype, seed=seed)
     except CheckpointError as e:
