@@ -144,13 +144,14 @@ def _missing_message(entry: registry.ModelEntry) -> str:
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """The checkpoint folder for a folder path, a registry name or a registry hf_id.
 
-    A folder must contain config.json. A name resolves to checkpoints/<name>/ (current folder, then
+    A folder must contain config.json (a folder without one that shares a registry name, such as the
+    repository's own `bench/` package, is read as the name). A name resolves to checkpoints/<name>/ (current folder, then
     the repository) or to a complete snapshot in the local HF cache. Raises CheckpointNotFound
     saying what to download or build and where to put it.
     """
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
-    if path.is_dir():
+    if path.is_dir() and ((path / "config.json").is_file() or _entry_for(text) is None):
         if (path / "config.json").is_file():
             return path
         raise CheckpointNotFound(
@@ -277,7 +278,7 @@ def _load_random(text: str, *, dtype: torch.dtype, seed: int):
     from transformers import LlavaNextConfig
 
     path = Path(text).expanduser()
-    if path.is_dir():
+    if path.is_dir() and ((path / "config.json").is_file() or _entry_for(text) is None):
         folder = resolve_checkpoint(path)
         config_dict = read_config(folder)
         entry = registry.match_config(config_dict)

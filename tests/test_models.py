@@ -462,3 +462,11 @@ def test_load_prompt_prefers_prompt_template_json_and_checks_it(tiny_dir, tmp_pa
     (folder / "prompt_template.json").write_text(json.dumps({"template": "{prompt}", "add_bos": True}))
     with pytest.raises(ValueError, match="exactly one '<image>'"):
         load.load_prompt(folder)
+
+
+def test_a_registry_name_wins_over_a_same_named_folder_without_config(tmp_path, monkeypatch):
+    (tmp_path / "bench").mkdir()  # like the repository's own bench/ package, seen from the repo root
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(load.CheckpointNotFound, match="python -m models.build bench"):
+        load.resolve_checkpoint("bench")
+    assert load._load_random("bench", dtype=torch.float32, seed=0)[2].name == "bench"
