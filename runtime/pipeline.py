@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -76,6 +77,22 @@ class TextStream:
         except StopIteration as stop:
             self.result = stop.value
             raise StopIteration(stop.value) from None
+
+
+class _ReleaseOnce:
+    """Calls `fn` the first time it is called and never again, from any thread."""
+
+    def __init__(self, fn):
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._fn()
 
 
 @dataclass
@@ -171,7 +188,10 @@ class Pipeline:
         except BaseException:
             self._leave()
             raise
-        return TextStream(self._execute(req))
+        release = _ReleaseOnce(self._leave)
+        stream = TextStream(self._execute(req, release))
+        weakref.finalize(stream, release)  # a stream dropped before its end (even never started) frees its slot
+        return stream
 
     def close(self) -> None:
         """Wait for requests in flight, then release the sessions."""
@@ -238,11 +258,11 @@ class Pipeline:
         req.timings["preprocess"] = time.perf_counter() - t0
         return req
 
-    def _execute(self, req: _Request) -> Iterator[str]:
+    def _execute(self, req: _Request, release: _ReleaseOnce) -> Iterator[str]:
         try:
             return (yield from self._run(req))
         finally:
-            self._leave()
+            release()
 
     def _run(self, req: _Request) -> Iterator[str]:
         m, layout, cfg, tm = self.manifest, req.layout, req.cfg, req.timings
