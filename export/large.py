@@ -474,9 +474,9 @@ def model_config(name: str | os.PathLike):
     text = os.fspath(name)
     path = Path(text).expanduser()
     try:
-        if path.is_dir():
-            read_config(path)
-            return LlavaNextConfig.from_pretrained(str(path)), registry.match_config(read_config(path)), path
+        if text not in registry.names() and path.is_dir():  # a registry name wins over a same-named folder
+            config = read_config(path)
+            return LlavaNextConfig.from_pretrained(str(path)), registry.match_config(config), path
         entry = registry.get(text)
     except (CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from None

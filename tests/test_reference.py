@@ -286,3 +286,36 @@ def test_streamed_bundle_matches_its_torch_twin(tmp_path):
     embed = np.load(out / "embed_tokens.npy")
     np.testing.assert_array_equal(embed, twin.get_input_embeddings().weight.detach().numpy())
     assert verify_bundle(out, twin, log=None, steps=8).ok
+
+
+def test_memory_watchdog_aborts_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "staging"
+    marker.mkdir()
+    code = (
+        "import shutil, time, numpy as np\n"
+        "from export.large import MemoryWatchdog, rss_bytes\n"
+        f"with MemoryWatchdog(rss_bytes() + 200 * 2**20, on_abort=lambda: shutil.rmtree({str(marker)!r}),"
+        " interval=0.05) as w:\n"
+        "    w.stage = 'write decoder'\n"
+        "    big = np.ones(600 * 2**20, dtype=np.uint8)\n"
+        "    time.sleep(5)\n"
+        "print('not aborted')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert (
+        "passed the" in done.stderr and "'write decoder'" in done.stderr and "not aborted" not in done.stdout
+    )
+    assert not marker.exists()  # the staging folder was discarded
+
+
+def test_seven_b_needs_the_streaming_route_on_24_gib():
+    from export.large import needs_streaming
+    from models.registry import get
+
+    # 7.06 B parameters = 28.3 GB in float32, over a third of 24 GiB (and of 64 GiB); tiny is 40 MB.
+    assert needs_streaming(get("llava-next-7b").llava_config(), ram_bytes=64 * 2**30)
+    assert not needs_streaming(get("tiny").llava_config(), ram_bytes=24 * 2**30)
