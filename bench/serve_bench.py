@@ -7,7 +7,8 @@ Every client is a thread sending one request after another (the same VGA frame, 
 "local" threads share one in-process Pipeline, "served" threads share one RemotePipeline. The server is
 started here on free loopback ports (its serving venv is created first if needed) and stopped at the end.
 Server and clients share this machine's cores, so on a small CPU box the served numbers include the
-clients' own work. Prints a markdown table: requests/s over the whole run, p50/p95 latency per request.
+clients' own work. Each row's requests run in --rounds interleaved rounds (engine order rotating), so a
+change in the machine's load during the run hits every engine alike; the load average is printed. Prints a markdown table: requests/s over the whole run, p50/p95 latency per request.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
 
 
-def run_clients(call: Callable[[], object], clients: int, requests: int) -> dict:
-    """`requests` calls of `call` spread over `clients` threads; latency per call and throughput of the run."""
+def run_clients(call: Callable[[], object], clients: int, requests: int) -> tuple[list[float], float]:
+    """`requests` calls of `call` spread over `clients` threads: (latency of each call in ms, wall seconds)."""
     latencies: list[float] = []
     lock = threading.Lock()
     left = [requests]
@@ -78,13 +79,18 @@ def run_clients(call: Callable[[], object], clients: int, requests: int) -> dict
     wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"a request failed during the benchmark: {type(errors[0]).__name__}: {errors[0]}")
+    return latencies, wall
+
+
+def summarize(engine: str, clients: int, latencies: Sequence[float], wall_s: float) -> dict:
     return {
+        "engine": engine,
         "clients": clients,
         "requests": len(latencies),
-        "req_per_s": len(latencies) / wall,
+        "req_per_s": len(latencies) / wall_s,
         "p50_ms": percentile(latencies, 50),
         "p95_ms": percentile(latencies, 95),
-        "wall_s": wall,
+        "wall_s": wall_s,
     }
 
 
@@ -151,7 +157,7 @@ class Server:
 
 
 def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_tokens: int, height: int, width: int,
-          warmup: int = 2, say: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+          warmup: int = 2, rounds: int = 3, say: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     from runtime.pipeline import Pipeline
     from runtime.remote import RemotePipeline
 
@@ -173,14 +179,25 @@ def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_toke
                     raise RuntimeError(f"{name} gave tokens {got}, the local Pipeline {want}")
             engines = {"local Pipeline": pipe, **remotes}
             for n in clients:
-                for name, engine in engines.items():
-
-                    def call(engine=engine):
-                        return engine.generate(image, PROMPT, max_new_tokens=max_new_tokens)
-
+                calls = {
+                    name: (
+                        lambda engine=engine: engine.generate(image, PROMPT, max_new_tokens=max_new_tokens)
+                    )
+                    for name, engine in engines.items()
+                }
+                for call in calls.values():
                     for _ in range(warmup):
                         call()
-                    row = {"engine": name, **run_clients(call, n, requests)}
+                # rounds, engine order rotating, so a change in the machine's load hits every engine alike
+                measured = {name: ([], 0.0) for name in calls}
+                per_round = [requests // rounds + (1 if r < requests % rounds else 0) for r in range(rounds)]
+                names = list(calls)
+                for r, count in enumerate(per_round):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        lat, wall = run_clients(calls[name], n, count)
+                        measured[name] = (measured[name][0] + lat, measured[name][1] + wall)
+                for name, (lat, wall) in measured.items():
+                    row = summarize(name, n, lat, wall)
                     say(f"{name}, {n} client(s): {row['req_per_s']:.2f} req/s, p50 {row['p50_ms']:.0f} ms")
                     rows.append(row)
             for remote in remotes.values():
@@ -197,13 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=24, help="timed requests per engine and client count")
     p.add_argument("--max-new-tokens", type=int, default=8, help="new tokens per request (default 8)")
     p.add_argument("--size", default="480x640", metavar="HxW", help="frame height x width (default 480x640)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds per row (default 3; evens out load)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     a = p.parse_args(argv)
     height, width = (int(v) for v in a.size.lower().split("x"))
     say = lambda msg: print(f"[serve_bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     load_before = os.getloadavg()[0]
     rows = bench(a.artifacts, clients=a.clients, requests=a.requests, max_new_tokens=a.max_new_tokens,
-                 height=height, width=width, say=say)  # fmt: skip
+                 height=height, width=width, rounds=a.rounds, say=say)  # fmt: skip
     print(
         f"\n{height}x{width} frame, {a.max_new_tokens} new tokens, greedy; {a.requests} timed requests per row; "
         f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n"
