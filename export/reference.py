@@ -39,7 +39,7 @@ from torch import nn
 
 from hired import NEWLINE, AnyresLayout, BudgetPlan, HiredConfig, pack_tokens, plan_budget, select_tokens
 
-TIMING_KEYS = ("preprocess", "vision", "select", "projector", "prefill", "decode", "total")
+TIMING_KEYS = ("preprocess", "vision", "select", "projector", "prefill", "decode", "ttft", "total")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class ReferenceOutput:
     prefill_logits: float32 [V]: the logits of the last prompt position
     token_ids:      the new tokens of the greedy generate (EOS included when produced)
     text:           token_ids decoded, special tokens skipped
-    timings:        milliseconds per stage (TIMING_KEYS); `prefill` is the time to the first token of generate
+    timings:        milliseconds per stage (TIMING_KEYS); `prefill` is generate's time to its first token,
+                    `ttft` the time from the start of preprocessing to that token
     """
 
     pixel_values: torch.Tensor
@@ -220,6 +221,28 @@ class HiredReference:
         kw.setdefault("add_bos", info.add_bos)
         return cls(model, processor, device=device, **kw)
 
+    @classmethod
+    def random(
+        cls,
+        name: str,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> HiredReference:
+        """The torch twin of `export.large.export_large(name, seed=seed)` bundles: the same seeded weights, built
+        directly on `device` in `dtype` (no float32 copy; a 7B model in fp16 needs ~14 GB there), the registry's
+        processor numbers and the offline Mistral tokenizer stand-in."""
+        from export.large import RandomWeights, materialize
+        from models import registry
+        from models.build import build_processor
+        from models.tokenizer import build_offline_tokenizer
+
+        entry = registry.get(name)
+        model = materialize(entry.llava_config(), RandomWeights(seed), dtype=dtype, device=device)
+        processor = build_processor(entry, build_offline_tokenizer())
+        return cls(model, processor, prompt_template=entry.prompt_template, add_bos=entry.add_bos)
+
     # ---- properties ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -358,6 +381,7 @@ class HiredReference:
         first = clock.times[0] if clock.times else t_end
         tm["prefill"] = (first - t) * 1000
         tm["decode"] = (t_end - first) * 1000
+        tm["ttft"] = (first - t_start) * 1000
         tm["total"] = (t_end - t_start) * 1000
         token_ids = new_tokens(out.sequences[0], max_new_tokens)
         return ReferenceOutput(

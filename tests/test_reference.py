@@ -196,16 +196,17 @@ def test_prompt_with_image_placeholder_is_refused(ref):
         ref.prompt_ids("look at <image> please")
 
 
-def test_float16_run_keeps_float32_scores_and_the_same_budget(loaded):
-    model, processor = loaded
-    import copy
-
-    half = HiredReference(copy.deepcopy(model), processor, dtype=torch.float16)
-    out = half.run(picture(*SIZES[2]), PROMPT, rate=0.2, max_new_tokens=1)
+def test_float16_run_keeps_float32_scores_and_the_same_budget():
+    """The seeded twin of an export_large("tiny") bundle, built directly in float16."""
+    half = HiredReference.random("tiny", seed=0, dtype=torch.float16)
+    out = half.run(picture(*SIZES[2]), PROMPT, rate=0.2, max_new_tokens=2)
     assert out.inputs_embeds.dtype == torch.float16 and out.pixel_values.dtype == torch.float16
     assert out.early_scores.dtype == np.float32 and np.isfinite(out.late_scores).all()
     layout = out.layout
     assert out.plan.kept == min(int(layout.n_images * 576 * 0.2), 576 + int(layout.capacities.sum()))
+    assert len(out.token_ids) == 2
+    t = out.timings
+    assert t["ttft"] >= t["prefill"] > 0 and t["total"] >= t["ttft"] + t["decode"] - 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- export.large
