@@ -303,15 +303,21 @@ def test_a_foreign_folder_is_never_deleted(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
-def test_a_failed_install_says_what_failed_and_leaves_nothing(tmp_path):
+def test_a_failed_build_step_says_what_failed_and_removes_the_half_made_venv(tmp_path):
     from runtime import serve_env
 
-    pins = tmp_path / "constraints-serve.txt"
-    pins.write_text("numpy==not-a-version\n")  # refused by pip before it asks any index
     env = tmp_path / "env"
-    with pytest.raises(serve_env.ServeEnvError, match="pip install failed") as info:
-        serve_env.ensure_env(env, constraints=pins, say=lambda _: None)
-    assert "\n" not in str(info.value)
+    (env / "bin").mkdir(parents=True)
+    failing = [
+        sys.executable,
+        "-c",
+        "import sys; print('ERROR: No matching distribution for numpy==9', file=sys.stderr); sys.exit(1)",
+    ]
+    with pytest.raises(
+        serve_env.ServeEnvError, match=r"pip install failed \(ERROR: No matching distribution"
+    ) as info:
+        serve_env._run(failing, "pip install", env)
+    assert "\n" not in str(info.value) and "HIRED_SERVE_VENV" in str(info.value)
     assert not env.exists()
 
 
