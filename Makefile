@@ -15,7 +15,7 @@ ifeq ($(RANDOM_WEIGHTS),1)
 EXPORT_FLAGS += --random-weights
 endif
 
-.PHONY: install demo test lint export bench soak clean
+.PHONY: install demo test lint export bench soak serve triton-repo serve-bench clean
 
 install: $(STAMP)
 
@@ -52,5 +52,16 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PYTHON) -m bench.soak --minutes 10
 
+# Serving (Triton): the first `make serve` creates .venv-serve (numpy<2 + PyTriton), a cache `clean` keeps.
+TRITON_REPO ?= triton-repo
+serve: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
+	$(PYTHON) -m runtime.serve --artifacts $(ARTIFACTS)
+
+triton-repo: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
+	$(PYTHON) -m export.triton_repo --artifacts $(ARTIFACTS) --out $(TRITON_REPO) --force
+
+serve-bench: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
+	$(PYTHON) -m bench.serve_bench --artifacts $(ARTIFACTS)
+
 clean:
-	rm -rf checkpoints artifacts bench-results .pytest_cache .hypothesis
+	rm -rf checkpoints artifacts bench-results out triton-repo .pytest_cache .hypothesis

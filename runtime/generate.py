@@ -15,7 +15,6 @@ import numpy as np
 
 from runtime.errors import GenerationError
 from runtime.manifest import TextSpec
-from runtime.session import OrtSession
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,11 @@ def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator
 
 
 class Decoder:
-    """Runs decoder.onnx: one prefill call, then one call per new token, carrying presents as the next past."""
+    """Runs decoder.onnx: one prefill call, then one call per new token, carrying presents as the next past.
 
-    def __init__(self, session: OrtSession, embed_tokens: np.ndarray, text: TextSpec):
+    `session`: a runtime.session.OrtSession (or anything with its inputs/outputs/run/dtype surface)."""
+
+    def __init__(self, session, embed_tokens: np.ndarray, text: TextSpec):
         self.session = session
         self.embed_tokens = embed_tokens  # [V, Dt]
         self.text = text

@@ -154,7 +154,7 @@ class Manifest:
     def from_file(cls, path: str | os.PathLike, *, verify: bool = True) -> Manifest:
         """Read `path` (a bundle folder or its manifest.json); with `verify`, check every file's location and hash."""
         p = Path(path)
-        if p.is_dir():
+        if p.is_dir() or p.name != MANIFEST_NAME:
             p = p / MANIFEST_NAME
         if not p.exists():
             raise BundleError(f"no bundle at {p.parent}: {MANIFEST_NAME} is missing; {_FIX}")

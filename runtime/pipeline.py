@@ -32,7 +32,6 @@ from runtime.image import load_image
 from runtime.manifest import Manifest
 from runtime.preprocess import preprocess
 from runtime.prompt import PromptEncoder
-from runtime.session import OrtSession
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_CONTEXT = 8192
@@ -122,15 +121,24 @@ class Pipeline:
         max_context: int = DEFAULT_MAX_CONTEXT,
         threads: int | None = None,
         cache_dir: str | os.PathLike | None = None,
+        sessions: dict | None = None,
     ):
+        """`sessions` ({"vision", "projector", "decoder"} -> objects with OrtSession's surface) replaces the
+        onnxruntime sessions, e.g. with Triton BLS calls; see `from_sessions`."""
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise HiredError(f"max_pixels must be a positive integer, got {max_pixels!r}")
         self.manifest = manifest
         self.max_pixels = max_pixels
         self.max_context = min(int(max_context), manifest.text.max_position_embeddings)
-        self.vision = OrtSession.from_manifest(manifest, "vision", provider, threads=threads, cache_dir=cache_dir)
-        self.projector = OrtSession.from_manifest(manifest, "projector", provider, threads=threads, cache_dir=cache_dir)
-        decoder = OrtSession.from_manifest(manifest, "decoder", provider, threads=threads, cache_dir=cache_dir)
+        if sessions is None:
+            # onnxruntime is imported only where this process runs the graphs itself
+            from runtime.session import OrtSession
+
+            sessions = {
+                g: OrtSession.from_manifest(manifest, g, provider, threads=threads, cache_dir=cache_dir)
+                for g in ("vision", "projector", "decoder")
+            }
+        self.vision, self.projector, decoder = sessions["vision"], sessions["projector"], sessions["decoder"]
         self.embed_tokens = _load_npy(manifest, "embed_tokens", (manifest.text.vocab_size, manifest.text.hidden_size))
         self.image_newline = _load_npy(manifest, "image_newline", (manifest.text.hidden_size,))
         self.decoder = Decoder(decoder, self.embed_tokens, manifest.text)
@@ -146,6 +154,11 @@ class Pipeline:
         self._active = 0
         self._closed = False
         self._cond = threading.Condition()
+
+    @classmethod
+    def from_sessions(cls, manifest: Manifest, *, vision, projector, decoder, **options) -> Pipeline:
+        """A Pipeline over ready-made graph runners (inputs/outputs/run/dtype/provider, as OrtSession)."""
+        return cls(manifest, sessions={"vision": vision, "projector": projector, "decoder": decoder}, **options)
 
     @classmethod
     def load(cls, artifacts: str | os.PathLike, *, provider: str = "cpu", **options) -> Pipeline:

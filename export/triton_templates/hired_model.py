@@ -62,16 +62,6 @@ class TritonGraph:
         return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
 
 
-class _TritonGraphs:
-    """Stands in for OrtSession inside runtime.pipeline: Pipeline builds its graphs through this name."""
-
-    graphs: dict = {}
-
-    @classmethod
-    def from_manifest(cls, manifest, name, provider="cpu", **_options):
-        return cls.graphs[name]
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -86,12 +76,13 @@ class TritonPythonModel:
                 )
         with open(os.path.join(HERE, "graphs.json"), encoding="utf-8") as f:
             wiring = json.load(f)
-        _TritonGraphs.graphs = {
+        graphs = {
             name: TritonGraph(w["model"], manifest.graphs[name], w["input_dtypes"])
             for name, w in wiring.items()
         }
-        pipeline_module.OrtSession = _TritonGraphs
-        self.pipe = pipeline_module.Pipeline(manifest, max_pixels=int(params.get("max_pixels", "64000000")))
+        self.pipe = pipeline_module.Pipeline.from_sessions(
+            manifest, **graphs, max_pixels=int(params.get("max_pixels", "64000000"))
+        )
 
     def execute(self, requests):
         batch = []
