@@ -143,14 +143,16 @@ def flop_split_lines(manifest) -> tuple[list[str], dict]:
 def torch_side(bundle: Path, sizes, settings: dict, prompt: str, threads: int | None = None) -> dict:
     """Run bench.torch_side in its own process (it imports torch) and return its JSON record."""
     cmd = [
-        sys.executable, "-m", "bench.torch_side", "--bundle", str(bundle),
+        sys.executable, "-m", "bench.torch_side", "--bundle", str(bundle.resolve()),
         "--sizes", ",".join(format_size(s) for s in sizes), "--runs", str(settings["runs"]),
         "--warmup", str(settings["warmup"]), "--new-tokens", str(settings["new_tokens"]),
         "--reference-budget", str(REFERENCE_BUDGET), "--prompt", prompt,
     ]  # fmt: skip
     if threads is not None:
         cmd += ["--threads", str(threads)]
-    return run_child(cmd)
+    # Not from the repository root, where models.load would take the package folder `bench/` for the
+    # checkpoint folder of the registry model `bench`.
+    return run_child(cmd, cwd=bundle.resolve().parent)
 
 
 def comparisons(rows: Sequence[dict], torch_record: dict) -> list[dict]:
@@ -352,6 +354,9 @@ def run(args: argparse.Namespace) -> dict:
             f"({share['ttft_ms']:,.0f} ms; the pipeline's own select stage: {share['pipeline_select_ms']:.2f} ms)"
         )
     print(line + "\n")
+    overhead = {"median_us": us, "calls": settings["overhead_calls"], "share_of_ttft": share}
+    print("## Summary\n")
+    print("\n".join(report.summary_lines(ups, comp, overhead)) + "\n")
 
     elapsed = time.perf_counter() - t_start
     results = {
@@ -382,7 +387,7 @@ def run(args: argparse.Namespace) -> dict:
         "speedups": ups,
         "comparisons": comp,
         "torch_side": torch_record,
-        "selection_overhead": {"median_us": us, "calls": settings["overhead_calls"], "share_of_ttft": share},
+        "selection_overhead": overhead,
         "stage_runs": records,
     }
     out = Path(args.out)

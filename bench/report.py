@@ -104,6 +104,35 @@ def comparison_table_md(comparisons: Sequence[Mapping]) -> str:
     return md_table(header, body)
 
 
+def summary_lines(
+    speedups: Sequence[Mapping], comparisons: Sequence[Mapping], overhead: Mapping | None
+) -> list[str]:
+    """The headline numbers, one line each: measured/ideal at 0.2, runtime/baseline ratios, selection overhead."""
+    lines = []
+    for s in speedups:
+        if abs(s["budget"] - 0.2) < 1e-9:
+            lines.append(
+                f"- {s['image']} at budget 0.2: TTFT {s['measured']:.2f}x faster than at 1.0; ideal from token counts "
+                f"{s['ideal']:.2f}x; measured/ideal {s['ratio']:.2f}"
+            )
+    for c in comparisons:
+        lines.append(
+            f"- {c['image']} at budget {c['budget']:g}, runtime / {c['baseline']}: TTFT "
+            f"{c['runtime_ttft_ms'] / c['baseline_ttft_ms']:.2f}, decode tok/s {c['runtime_tok_s'] / c['baseline_tok_s']:.2f}"
+        )
+    if overhead:
+        share = overhead.get("share_of_ttft")
+        lines.append(
+            f"- selection overhead (plan + select + pack, 5 images): {overhead['median_us']:,.0f} us"
+            + (
+                f" = {share['share']:.2%} of TTFT at budget {share['budget']:g} on {share['image']}"
+                if share
+                else ""
+            )
+        )
+    return lines
+
+
 def write_json(obj, path: str | os.PathLike) -> Path:
     """Write `obj` as indented JSON (NaN/inf as null), creating the parent folder; returns the path."""
     path = Path(path)
@@ -139,7 +168,8 @@ def plot_stages(rows: Sequence[Mapping], path: str | os.PathLike, *, title: str 
         bottom = [0.0] * len(mine)
         for stage in stages:
             heights = [r[f"{stage}_ms"] / 1000.0 for r in mine]
-            name = stage if stage != "decode" else f"decode ({mine[0]['new_tokens'] - 1} steps)"
+            steps = mine[0]["new_tokens"] - 1
+            name = stage if stage != "decode" else f"decode ({steps} step{'s' if steps != 1 else ''})"
             ax.bar(labels, heights, bottom=bottom, color=STAGE_COLORS[stage], label=name, width=0.6)
             bottom = [b + h for b, h in zip(bottom, heights)]
         for x, (r, top) in enumerate(zip(mine, bottom)):

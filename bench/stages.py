@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -153,7 +154,7 @@ def child_command(
 ) -> list[str]:
     """The argv that measures one case in a fresh interpreter (`python -m bench.stages ...`)."""
     cmd = [
-        sys.executable, "-m", "bench.stages", "--bundle", str(bundle), "--size", format_size(size),
+        sys.executable, "-m", "bench.stages", "--bundle", str(Path(bundle).resolve()), "--size", format_size(size),
         "--budget", repr(float(budget)), "--runs", str(runs), "--warmup", str(warmup),
         "--new-tokens", str(new_tokens), "--prompt", prompt,
     ]  # fmt: skip
@@ -162,16 +163,17 @@ def child_command(
     return cmd
 
 
-def run_child(cmd: Sequence[str]) -> dict:
-    """Run one child measurement; its stderr passes through, its last stdout line is the JSON record."""
+def run_child(cmd: Sequence[str], cwd: str | os.PathLike = REPO_ROOT) -> dict:
+    """Run one child measurement in `cwd` (the packages stay importable through PYTHONPATH); its stderr passes
+    through, its last stdout line is the JSON record."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run(list(cmd), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
             f"benchmark child failed (exit {proc.returncode}); its error is printed above. "
-            f"Reproduce with: {' '.join(cmd)}"
+            f"Reproduce with: {shlex.join(cmd)}"
         )
     return json.loads(lines[-1])
 
