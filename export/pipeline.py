@@ -259,6 +259,15 @@ def export_model(
     out = Path(out)
     check_model_arg(model)
     check_out(out, force=force)
+    if random_weights:
+        from export.large import check_bundle, export_large, model_config, needs_streaming
+
+        if needs_streaming(model_config(model)[0]):  # float32 weights > RAM / 3: meta model + streamed weights
+            log(f"{model} is too large to build in memory here; streaming seeded random weights (export.large)")
+            export_large(model, out, dtype=dtype, opset=opset, seed=seed, force=force, log=log)
+            if verify:  # torch cannot hold the model on this machine: structural checks + one vision run
+                check_bundle(out, log=log)
+            return out
     t_start = time.perf_counter()
     with Staging(out, force=force) as stage:
         t0 = time.perf_counter()
