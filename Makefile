@@ -49,8 +49,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m bench
 
-soak: $(STAMP)
-	$(PYTHON) -m bench.soak --minutes 10
+soak: $(STAMP) artifacts/tiny/manifest.json
+	$(PYTHON) -m bench.soak --artifacts artifacts/tiny --minutes 10
 
 # Serving (Triton): the first `make serve` creates .venv-serve (numpy<2 + PyTriton), a cache `clean` keeps.
 TRITON_REPO ?= triton-repo

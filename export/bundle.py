@@ -84,6 +84,7 @@ class Staging:
 
     def __init__(self, out: str | os.PathLike, *, force: bool):
         self.out = Path(out)
+        recover_interrupted(self.out)
         check_out(self.out, force=force)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,22 @@ def check_out(out: Path, *, force: bool) -> None:
         raise ExportError(f"--out {out} exists and is not a folder; remove it or choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} already exists; pass --force to replace it")
+
+
+def recover_interrupted(out: Path) -> None:
+    """Undo what a killed export (SIGKILL, power loss) left beside `out`.
+
+    An old bundle caught between replace_folder's two renames is put back; stale staging folders are deleted.
+    (Two exports into the same --out at once are not supported.)
+    """
+    if not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists() and (old / out.name).is_dir():
+            os.replace(old / out.name, out)
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.export-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def replace_folder(new: Path, out: Path) -> None:

@@ -337,7 +337,7 @@ def _load_folder(text: str, *, dtype: torch.dtype):
     elif entry is None:
         entry = _entry_for(text)
     template, add_bos = _prompt_from_folder(folder)
-    model = LlavaNextForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).eval()
+    model = LlavaNextForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, use_safetensors=True).eval()
     has_tok = _has_tokenizer(folder)
     tokenizer = _auto_tokenizer(folder) if has_tok else None
     if built:

@@ -254,6 +254,8 @@ class Pipeline:
         temperature=0.0, top_p=1.0, seed=None, color="rgb", trace=None,
     ) -> _Request:  # fmt: skip
         t0 = time.perf_counter()
+        if trace is not None and not isinstance(trace, dict):
+            raise HiredError(f"trace must be a dict to fill or None, got {type(trace).__name__}")
         cfg = self.hired_config(budget, alpha, distribution, newlines)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if isinstance(prompt, str) and len(prompt) > 16 * self.max_context:

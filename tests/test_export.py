@@ -429,3 +429,17 @@ def test_random_weights_without_a_checkpoint_use_the_offline_tokenizer_and_say_s
     text = meta.prompt_template.format(prompt="What is in this picture?")
     assert tok.encode(text, add_special_tokens=False).ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tok.token_to_id("<image>") == 32000
+
+
+def test_next_export_recovers_what_a_killed_export_left_behind(tmp_path):
+    from export.bundle import Staging
+
+    out = tmp_path / "bundle"
+    (tmp_path / ".bundle.old-abc" / "bundle").mkdir(parents=True)  # killed between the two renames
+    (tmp_path / ".bundle.old-abc" / "bundle" / "manifest.json").write_text("{}")
+    (tmp_path / ".bundle.export-def").mkdir()  # killed while staging
+    with Staging(out, force=True) as stage:
+        assert (out / "manifest.json").read_text() == "{}"  # the old bundle is back in place
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+        assert left == [stage.path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
