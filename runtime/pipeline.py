@@ -132,10 +132,12 @@ class Pipeline:
         self.max_context = min(int(max_context), manifest.text.max_position_embeddings)
         if sessions is None:
             # onnxruntime is imported only where this process runs the graphs itself
-            from runtime.session import OrtSession
+            from runtime.session import OrtSession, log, provider_chain
 
+            for w in provider_chain(provider, cache_dir)[1]:
+                log.warning("%s", w)
             sessions = {
-                g: OrtSession.from_manifest(manifest, g, provider, threads=threads, cache_dir=cache_dir)
+                g: OrtSession.from_manifest(manifest, g, provider, threads=threads, cache_dir=cache_dir, warn=False)
                 for g in ("vision", "projector", "decoder")
             }
         self.vision, self.projector, decoder = sessions["vision"], sessions["projector"], sessions["decoder"]

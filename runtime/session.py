@@ -39,19 +39,16 @@ _NP_TYPES = {
 
 
 def provider_chain(provider: str, cache_dir: str | os.PathLike | None = None) -> tuple[list, list[str]]:
-    """ORT provider list for `provider`, plus the warnings for what this onnxruntime build lacks."""
+    """ORT provider list for `provider`, plus at most one warning line for what this onnxruntime build lacks."""
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     available = set(ort.get_available_providers())
     wanted = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}[provider]
-    chain, warnings = [], []
+    chain, missing = [], []
     for p in wanted:
         name = _ORT_NAMES[p]
         if name not in available:
-            warnings.append(
-                f"{p} requested but this onnxruntime build has no {name} "
-                f"(install onnxruntime-gpu with CUDA/TensorRT libraries); falling back"
-            )
+            missing.append(name)
             continue
         if p == "tensorrt":
             cache = str(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "hired-edge", "trt"))
@@ -61,6 +58,13 @@ def provider_chain(provider: str, cache_dir: str | os.PathLike | None = None) ->
             )
         else:
             chain.append(name)
+    warnings = []
+    if missing:
+        fallback = chain[0][0] if isinstance(chain[0], tuple) else chain[0]
+        warnings.append(
+            f"{provider} requested but this onnxruntime build has no {' or '.join(missing)} "
+            f"(install onnxruntime-gpu with its CUDA/TensorRT libraries); running on {fallback}"
+        )
     return chain, warnings
 
 
@@ -85,11 +89,13 @@ class OrtSession:
         *,
         threads: int | None = None,
         cache_dir: str | os.PathLike | None = None,
+        warn: bool = True,
     ) -> OrtSession:
+        """`warn=False` leaves the missing-provider warning to the caller (one line per Pipeline, not per graph)."""
         graph = manifest.graphs[name]
         path = manifest.path(name)
         chain, warnings = provider_chain(provider, cache_dir)
-        for w in warnings:
+        for w in warnings if warn else ():
             log.warning("%s: %s", name, w)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

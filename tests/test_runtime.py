@@ -229,3 +229,24 @@ def test_runtime_never_imports_torch_or_transformers(tiny_bundle):
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_provider_without_gpu_falls_back_to_cpu_with_one_warning_line(tiny_bundle, provider, caplog):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA; the fallback path is not taken")
+    with caplog.at_level("WARNING", logger="hired_edge"), Pipeline.load(tiny_bundle, provider=provider) as p:
+        r = p.generate(scene(300, 300), PROMPT, max_new_tokens=1)
+    assert r.provider == "CPUExecutionProvider"
+    warnings = [rec.getMessage() for rec in caplog.records]
+    assert sum(f"{provider} requested but this onnxruntime build has no" in w for w in warnings) == 1, warnings
+    assert all("\n" not in w for w in warnings)
+
+
+def test_unknown_provider_is_a_typed_error(tiny_bundle):
+    from runtime import ProviderError
+
+    with pytest.raises(ProviderError, match="unknown provider 'npu'; choose one of cpu, cuda, tensorrt"):
+        Pipeline.load(tiny_bundle, provider="npu")
