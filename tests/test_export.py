@@ -443,3 +443,51 @@ def test_next_export_recovers_what_a_killed_export_left_behind(tmp_path):
         left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
         assert left == [stage.path.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+@pytest.mark.parametrize(
+    "batch, s, past, left_pad",
+    [(1, 37, 0, 0), (1, 20, 5, 0), (1, 3, 9, 0), (1, 1, 12, 0), (2, 16, 0, 3)],
+)
+def test_block_causal_attention_equals_the_single_attention_node(tmp_path, batch, s, past, left_pad):
+    """The decoder's Attention rewrite (query blocks over causal key prefixes) changes no output: prefill
+    (s >= blocks, the blocked branch), decode (s < blocks, the original node), past keys, left padding."""
+    from onnx import TensorProto, helper
+
+    from export.decoder import block_causal_attention
+
+    heads, kv_heads, dim = 4, 2, 8
+    total = past + s
+    inputs = [
+        helper.make_tensor_value_info("q", TensorProto.FLOAT, [batch, heads, "s", dim]),
+        helper.make_tensor_value_info("k", TensorProto.FLOAT, [batch, kv_heads, "t", dim]),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, [batch, kv_heads, "t", dim]),
+        helper.make_tensor_value_info("mask", TensorProto.BOOL, [batch, 1, "s", "t"]),
+    ]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, heads, "s", dim])
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], name="attn", q_num_heads=heads,
+                            kv_num_heads=kv_heads)  # fmt: skip
+    graph = helper.make_graph([node], "g", inputs, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    rng = np.random.default_rng(0)
+    feeds = {
+        "q": rng.standard_normal((batch, heads, s, dim), dtype=np.float32),
+        "k": rng.standard_normal((batch, kv_heads, total, dim), dtype=np.float32),
+        "v": rng.standard_normal((batch, kv_heads, total, dim), dtype=np.float32),
+    }
+    causal = np.arange(total)[None, :] <= (past + np.arange(s))[:, None]  # [s, total]
+    mask = np.broadcast_to(causal, (batch, 1, s, total)).copy()
+    mask[-1, :, :, :left_pad] = False  # the last sequence is left-padded
+    feeds["mask"] = mask
+
+    def run(m):
+        path = tmp_path / "m.onnx"
+        onnx.save(m, path)
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    want = run(model)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    assert block_causal_attention(rewritten.graph, 8) == 1
+    assert [n.op_type for n in rewritten.graph.node].count("Attention") == 0  # now inside the If branches
+    np.testing.assert_allclose(run(rewritten), want, atol=1e-6, rtol=1e-6)
