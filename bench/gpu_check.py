@@ -113,13 +113,7 @@ def peak_rss_gb() -> float:
 
 def one_request(ref, image, prompt: str, rate: float, new_tokens: int) -> dict:
     """One HiredReference.run with exactly `new_tokens` greedy tokens; TTFT, decode tok/s, token counts."""
-    gc = ref.model.generation_config
-    old = gc.min_new_tokens
-    gc.min_new_tokens = new_tokens
-    try:
-        out = ref.run(image, prompt, rate=rate, max_new_tokens=new_tokens)
-    finally:
-        gc.min_new_tokens = old
+    out = ref.run(image, prompt, rate=rate, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     tm = out.timings
     ttft = sum(tm[k] for k in ("preprocess", "vision", "select", "projector", "prefill"))
     steps = len(out.token_ids) - 1

@@ -143,16 +143,10 @@ def time_transformers(model, processor, image: np.ndarray, text: str, new_tokens
 
 
 def time_reference(ref, image: np.ndarray, prompt: str, rate: float, new_tokens: int) -> dict:
-    """One HiredReference.run at `rate`, forced to exactly `new_tokens` tokens (generation_config.min_new_tokens)."""
+    """One HiredReference.run at `rate`, forced to exactly `new_tokens` tokens (min_new_tokens)."""
     from bench.metrics import ttft_ms
 
-    gc = ref.model.generation_config
-    old = gc.min_new_tokens
-    gc.min_new_tokens = new_tokens
-    try:
-        out = ref.run(image, prompt, rate=rate, max_new_tokens=new_tokens)
-    finally:
-        gc.min_new_tokens = old
+    out = ref.run(image, prompt, rate=rate, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if len(out.token_ids) != new_tokens:
         raise RuntimeError(f"the reference generated {len(out.token_ids)} tokens, expected {new_tokens}")
     tm = out.timings

@@ -344,8 +344,11 @@ class HiredReference:
         distribution: str = "spatial",
         newlines: str = "none",
         max_new_tokens: int = 20,
+        min_new_tokens: int | None = None,
     ) -> ReferenceOutput:
-        """One greedy request; see ReferenceOutput. rate 1.0 is the stock model whatever the other options."""
+        """One greedy request; see ReferenceOutput. rate 1.0 is the stock model whatever the other options.
+
+        `min_new_tokens` suppresses EOS until that many tokens (benchmarks timing a fixed decode length)."""
         cfg = HiredConfig(rate=rate, alpha=alpha, distribution=distribution, newlines=newlines)
         ids_before, ids_after = self.prompt_ids(prompt)
         tm: dict[str, float] = {}
@@ -372,6 +375,7 @@ class HiredReference:
             attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=self.device),
             do_sample=False,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             return_dict_in_generate=True,
             output_logits=True,
             streamer=clock,
