@@ -28,19 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.images import synthetic_image
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "What is in this picture?"
-
-
-def frame(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A seeded uint8 [H, W, 3] camera-like frame (gradients and blocks)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
-    for _ in range(6):
-        y0, x0 = rng.integers(0, height), rng.integers(0, width)
-        img[y0 : y0 + height // 5, x0 : x0 + width // 5] = rng.integers(0, 256, 3)
-    return img.astype(np.uint8)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -161,7 +152,7 @@ def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_toke
     from runtime.pipeline import Pipeline
     from runtime.remote import RemotePipeline
 
-    image = frame(height, width)
+    image = synthetic_image(width=width, height=height)
     server = Server(artifacts, max_batch=max(clients))
     rows = []
     try:

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench.images import synthetic_image
+
 DEFAULT_MAX_SLOPE_MB = 50.0  # MB per 1000 requests; see the module docstring
 KINDS = ("rgb", "bgr", "rgba", "gray", "pil", "png", "jpeg", "path")
 # (width, height) per crop grid of LLaVA-NeXT's pinpoints (h, w): 336x672 -> 1x2, 672x336 -> 2x1,
@@ -155,20 +157,9 @@ def make_cases(
     return cases
 
 
-def scene(width: int, height: int, seed: int) -> np.ndarray:
-    """uint8 [height, width, 3]: gradients plus a few seeded blocks (structure, so attention is not flat)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
-    for _ in range(5):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        img[y0 : y0 + max(height // 4, 1), x0 : x0 + max(width // 4, 1)] = rng.integers(0, 256, 3)
-    return img.astype(np.uint8)
-
-
 def materialize(case: Case, workdir: str | os.PathLike) -> Any:
     """The image argument of `case`: a read-only array, a PIL image, encoded bytes or a file path."""
-    rgb = scene(*case.size, case.seed)
+    rgb = synthetic_image(width=case.size[0], height=case.size[1], seed=case.seed)
     if case.kind in ("rgb", "bgr", "rgba", "gray"):
         arr = {
             "rgb": rgb,

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.serve_bench import free_ports
 from runtime import errors as runtime_errors
 from runtime.errors import BudgetError, GenerationError, HiredError, ImageError, PromptError, RemoteError
 from runtime.pipeline import GenerationResult, Pipeline
@@ -70,18 +71,6 @@ def comparable(result: GenerationResult) -> dict:
     d = result.to_dict()
     d.pop("timings_ms")
     return d
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 # ---- the protocol, without a server ---------------------------------------------------------------------

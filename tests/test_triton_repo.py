@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from bench.serve_bench import free_ports
 from export.triton_repo import RepoError, RepoOptions, external_data_files, main, write_repo
 from runtime.errors import ImageError, RemoteError
 from runtime.manifest import Manifest, sha256_file
@@ -200,16 +200,6 @@ def test_cli_prints_the_docker_run_line(tiny_bundle, tmp_path, capsys):
 
 
 # ---- the repository served for real (graphs as CPU stand-ins), on PyTriton's bundled tritonserver ---------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _tritonserver(env_dir: Path, work: Path) -> tuple[Path, Path, dict]:
     """PyTriton's tritonserver binary, a Python-backend folder with the stub for this Python, and the env."""
     from runtime import serve_env
@@ -238,7 +228,7 @@ def test_stand_in_repository_serves_the_local_tokens(tiny_bundle, tmp_path):
         tiny_bundle, tmp_path / "repo", RepoOptions(stand_in=True, hired_instances=1), log=lambda _: None
     )
     binary, backends, env = _tritonserver(env_dir, tmp_path)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     log_path = tmp_path / "tritonserver.log"
     cmd = [str(binary), "--model-repository", str(repo), "--backend-directory", str(backends),
            "--http-address", "127.0.0.1", "--http-port", str(http), "--grpc-address", "127.0.0.1",
