@@ -37,7 +37,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bench.soak import fd_count, rss_mb, scene
+from bench.images import synthetic_image
+from bench.soak import fd_count, rss_mb
 from runtime.errors import BudgetError, GenerationError, HiredError, ImageError, PromptError
 from runtime.pipeline import GenerationResult, Pipeline
 
@@ -49,7 +50,7 @@ MIN_CASES = 2000
 EVERY_NTH_FULL = 10  # prompt and option cases: one in this many runs the whole pipeline, the rest stop early
 FULL_RUNS: Counter = Counter()
 PROMPT = "What is in this picture?"
-SMALL = scene(12, 9, seed=5)  # a valid image: 1 base + 2 crops, the cheapest full run
+SMALL = synthetic_image(width=12, height=9, seed=5)  # a valid image: 1 base + 2 crops, the cheapest full run
 NOT_AN_IMAGE = np.zeros((0, 4, 3), np.uint8)  # refused by the image check, after the prompt check
 
 
@@ -146,13 +147,13 @@ def pipe(tiny_bundle):
 def reference(pipe):
     """Warm up on every crop count, then record the reference answer, RSS and descriptors."""
     for size in ((640, 320), (990, 330), (700, 660)):  # 2, 3 and 4 crops, and the longest prompt
-        pipe.generate(scene(*size, seed=1), PROMPT, max_new_tokens=2, budget=1.0, newlines="rows")
-    tokens = pipe.generate(scene(700, 660, seed=2), PROMPT, max_new_tokens=2).token_ids
+        pipe.generate(synthetic_image(width=size[0], height=size[1], seed=1), PROMPT, max_new_tokens=2, budget=1.0, newlines="rows")
+    tokens = pipe.generate(synthetic_image(width=700, height=660, seed=2), PROMPT, max_new_tokens=2).token_ids
     return {"tokens": tokens, "rss_mb": rss_mb(trim=True), "fds": fd_count()}
 
 
 def assert_still_answers(pipe: Pipeline, reference: dict) -> None:
-    got = pipe.generate(scene(700, 660, seed=2), PROMPT, max_new_tokens=2).token_ids
+    got = pipe.generate(synthetic_image(width=700, height=660, seed=2), PROMPT, max_new_tokens=2).token_ids
     assert got == reference["tokens"], "after the fuzz cases the same request gives different tokens"
 
 
@@ -402,7 +403,7 @@ def test_extreme_sizes_succeed_as_files_too(pipe, mode, size):
 
 
 def test_memory_layouts_and_array_subclasses_give_the_same_answer(pipe):
-    rgb = scene(40, 30, seed=9)
+    rgb = synthetic_image(width=40, height=30, seed=9)
     want = pipe.generate(rgb, PROMPT, max_new_tokens=1).token_ids
     readonly = rgb.copy()
     readonly.setflags(write=False)

@@ -411,8 +411,9 @@ def test_load_model_returns_model_tokenizer_and_info(tiny_dir):
     assert json.loads(json.dumps(info.to_dict()))["checkpoint"] == str(tiny_dir)
 
 
-def test_random_weights_by_name_equal_the_built_checkpoint(tiny_dir):
+def test_random_weights_by_name_equal_the_built_checkpoint(tiny_dir, monkeypatch):
     built, _, _ = load.load_model(tiny_dir)
+    monkeypatch.setattr(load, "_local_dirs", lambda name: [])  # a `make demo` checkpoints/tiny must not leak in
     fresh, tok, info = load.load_model("tiny", random_weights=True, seed=0)
     a, b = built.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
