@@ -10,7 +10,8 @@ from hired.budget import BudgetPlan, plan_budget
 from hired.config import DISTRIBUTIONS, NEWLINE_MODES, HiredConfig
 from hired.layout import AnyresLayout
 from hired.pack import NEWLINE, pack_tokens
-from hired.select import select_tokens, top_k
+from hired.scores import top_k
+from hired.select import select_tokens
 
 __all__ = [
     "DISTRIBUTIONS",

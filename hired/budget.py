@@ -25,8 +25,7 @@ import numpy as np
 
 from hired.config import HiredConfig
 from hired.layout import AnyresLayout
-from hired.scores import checked_scores
-from hired.select import top_k
+from hired.scores import checked_scores, top_k
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Checks on attention scores: the right shape, finite and non-negative, else a ValueError that says so."""
+"""Attention scores: checks (the right shape, finite, non-negative, else a ValueError that says so) and top-k."""
 
 from __future__ import annotations
 
@@ -23,3 +23,16 @@ def checked_scores(scores: object, shape: tuple[int, ...], what: str, dtype: typ
         bad = int(np.flatnonzero(array.reshape(-1) < 0)[0])
         raise ValueError(f"{what} must be >= 0, found {array.reshape(-1)[bad]} at flat index {bad}")
     return array
+
+
+def top_k(scores: np.ndarray, k: int, candidates: np.ndarray | None = None) -> np.ndarray:
+    """int64 [k]: indices of the k highest `scores` [m] among `candidates` (default all), sorted ascending.
+
+    Ties go to the lower index (a stable sort on -score).
+    """
+    if candidates is None:
+        candidates = np.arange(scores.shape[0])
+    if not 0 <= k <= candidates.shape[0]:
+        raise ValueError(f"cannot keep {k} tokens out of {candidates.shape[0]} candidates")
+    order = np.argsort(-scores[candidates], kind="stable")[:k]
+    return np.sort(candidates[order]).astype(np.int64)

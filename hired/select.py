@@ -14,24 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hired.scores import checked_scores
+from hired.scores import checked_scores, top_k
 
 if TYPE_CHECKING:
     from hired.budget import BudgetPlan
     from hired.layout import AnyresLayout
-
-
-def top_k(scores: np.ndarray, k: int, candidates: np.ndarray | None = None) -> np.ndarray:
-    """int64 [k]: indices of the k highest `scores` [m] among `candidates` (default all), sorted ascending.
-
-    Ties go to the lower index (a stable sort on -score).
-    """
-    if candidates is None:
-        candidates = np.arange(scores.shape[0])
-    if not 0 <= k <= candidates.shape[0]:
-        raise ValueError(f"cannot keep {k} tokens out of {candidates.shape[0]} candidates")
-    order = np.argsort(-scores[candidates], kind="stable")[:k]
-    return np.sort(candidates[order]).astype(np.int64)
 
 
 def _check_plan(plan: BudgetPlan, layout: AnyresLayout) -> None:

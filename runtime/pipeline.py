@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from hired import NEWLINE, HiredConfig, pack_tokens, plan_budget, select_tokens
+from runtime.decoder import Decoder
 from runtime.errors import BudgetError, BundleError, GenerationError, HiredError, PromptError
-from runtime.generate import Decoder, SamplingConfig, pick_token
+from runtime.generate import SamplingConfig, pick_token
 from runtime.image import load_image
 from runtime.manifest import Manifest
 from runtime.preprocess import preprocess
