@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PYTHON) -m pip install -q -c constraints.txt -e '.[export,bench,client,dev]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[export,bench,client,openai,dev]'
 	touch $(STAMP)
 
 checkpoints/tiny/config.json: | $(STAMP)
