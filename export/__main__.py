@@ -69,6 +69,16 @@ def parser() -> argparse.ArgumentParser:
         help="run every graph in onnxruntime against PyTorch (1 and 5 crops, kept tokens, 20 greedy steps) "
         "and exit 1 past tolerance; a failing bundle is kept as DIR.unverified",
     )
+    p.add_argument(
+        "--quant",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight-only quantization of the decoder's linear layers and lm_head (com.microsoft.MatMulNBits, "
+        "onnxruntime >= 1.17 for int4, >= 1.22 for int8); vision and projector stay in --dtype (default none)",
+    )
+    p.add_argument(
+        "--block-size", type=int, default=32, metavar="N", help="--quant values per scale, a power of 2 >= 16 (default 32)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --out (atomically, old bundle last)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     return p
@@ -92,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             verify=args.verify,
             force=args.force,
             seed=args.seed,
+            quant=args.quant,
+            block_size=args.block_size,
         )
     except (ExportError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -246,8 +246,13 @@ def export_model(
     force: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = stderr_log,
+    quant: str = "none",
+    block_size: int = 32,
 ) -> Path:
     """Export registry name or checkpoint folder `model` to the bundle folder `out`; returns `out`.
+
+    `quant` "int8"/"int4": the decoder's linear layers become MatMulNBits (export.quantize) after --verify has
+    checked the float graphs against PyTorch.
 
     Raises ExportError (bad input; nothing written) or VerificationError (`out` untouched, the bundle is
     kept as `<out>.unverified`).
@@ -256,6 +261,10 @@ def export_model(
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if opset not in OPSETS:
         raise ExportError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {opset}")
+    if quant not in ("none", "int8", "int4"):
+        raise ExportError(f"--quant must be one of none, int8, int4, got {quant!r}")
+    if quant != "none" and (isinstance(block_size, bool) or block_size < 16 or block_size & (block_size - 1)):
+        raise ExportError(f"--block-size must be a power of 2 >= 16 (16, 32, 64, 128, ...), got {block_size!r}")
     out = Path(out)
     check_model_arg(model)
     check_out(out, force=force)
@@ -287,6 +296,10 @@ def export_model(
                 log(f"verification failed; the bundle is kept at {kept} for inspection, {out} is unchanged")
                 raise
             log(f"verified against PyTorch in {time.perf_counter() - t0:.1f} s")
+        if quant != "none":
+            from export.quantize import quantize_bundle
+
+            quantize_bundle(stage.path, quant, block_size, log=log)
         stage.commit()
     log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
     return out

@@ -3,6 +3,8 @@
     from export.quantize import quantize_weight, quantize_decoder_file
     q = quantize_weight(w, bits=4, block_size=32)       # one float [K, N] weight -> packed, scales, zero points
     quantize_decoder_file("bundle/decoder.onnx", "int4")  # the in-memory route: rewrite a saved decoder graph
+    quantize_bundle(staging_folder, "int4")              # ... and the manifest (export_model --quant runs this)
+    python -m export.quantize --bundle artifacts/bench --out artifacts/bench-int4 --quant int4
 
 `quantize_weight` works on one tensor at a time, so the streaming (7B) route can quantize each linear layer as it
 writes it and never holds the float model. The packing is onnxruntime's own (the C++ block quantizer its
@@ -23,15 +25,23 @@ never touched: quantized ViTs drift and they are a small share of the work.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.quant import BITS, METHODS, MIN_ONNXRUNTIME
+
+if TYPE_CHECKING:
+    from runtime.manifest import Manifest
 
 DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations on CPU (MLAS CompInt8); ignored by other providers
@@ -49,7 +59,9 @@ __all__ = [
     "dequantize_weight",
     "matmul_nbits_node",
     "quant_spec",
+    "quantize_bundle",
     "quantized_initializers",
+    "requantize",
     "quantize_decoder_file",
     "quantize_graph",
     "quantize_weight",
@@ -111,7 +123,7 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLO
     scales = np.zeros((n, blocks), dtype=w.dtype)
     zero_points = np.zeros((n, -(-blocks // per_byte)), dtype=np.uint8)
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    quantize(packed, w, scales, zero_points, block_size, n, blocks * block_size, False)
+    quantize(packed, w, scales, zero_points, block_size, n, k, False)  # k: the padded rows never count
     return QuantizedWeight(packed, scales, zero_points, k=k, n=n, bits=bits, block_size=block_size)
 
 
@@ -178,7 +190,7 @@ def quantize_graph(
             new_inits.extend(quantized_initializers(q, prefix))
             done[w.name] = (prefix, q)
         prefix, q = done[w.name]
-        name = (node.name or w.name) + f"_Q{bits}"
+        name = (node.name or node.output[0]) + f"_Q{bits}"
         nodes.append(matmul_nbits_node(node.input[0], node.output[0], q, prefix, name=name, accuracy_level=accuracy_level))
         readers[w.name] -= 1
         count += 1
@@ -217,6 +229,99 @@ def quantize_decoder_file(
     return count
 
 
+def quantize_bundle(
+    folder: str | os.PathLike,
+    method: str,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Quantize, in place, the decoder of the float bundle in `folder` (a staging folder) and update manifest.json.
+
+    The manifest gains `quant`, the decoder's new sha256 (and no `decoder_data` once the weights fit in the .onnx)
+    and, in export_info, the larger of the opset's and MatMulNBits' minimum onnxruntime.
+    """
+    from runtime.manifest import MANIFEST_NAME, Manifest, QuantSpec, sha256_file
+    from runtime.quant import version_tuple
+
+    folder = Path(folder)
+    manifest = Manifest.from_file(folder, verify=False)
+    if manifest.quant.method != "none":
+        raise ValueError(f"{folder} is already {manifest.quant.method}-quantized; quantize its float bundle instead")
+    spec = quant_spec(method, block_size)
+    graph = folder / manifest.files["decoder"]
+    before = graph.stat().st_size + (Path(str(graph) + ".data").stat().st_size if Path(str(graph) + ".data").exists() else 0)
+    t0 = time.perf_counter()
+    count = quantize_decoder_file(graph, method, block_size)
+    files, sha = dict(manifest.files), dict(manifest.sha256)
+    data = Path(str(graph) + ".data")
+    if data.exists():
+        files["decoder_data"], sha["decoder_data"] = data.name, sha256_file(data)
+    else:
+        files.pop("decoder_data", None)
+        sha.pop("decoder_data", None)
+    sha["decoder"] = sha256_file(graph)
+    info = dict(manifest.export_info)
+    old_min = str(info.get("min_onnxruntime", "0"))
+    need = MIN_ONNXRUNTIME[method]
+    info["min_onnxruntime"] = old_min if version_tuple(old_min) >= version_tuple(need) else need
+    info.setdefault("seconds", {})
+    info["seconds"] = {**info["seconds"], "quantize": round(time.perf_counter() - t0, 2)}
+    new = dataclasses.replace(manifest, files=files, sha256=sha, export_info=info, quant=QuantSpec(**spec))
+    new.to_file(folder / MANIFEST_NAME)
+    stamp = folder / ".verified.json"
+    if stamp.exists():
+        stamp.unlink()
+    after = graph.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    if log:
+        log(
+            f"{graph.name}: {count} MatMul -> MatMulNBits ({method}, block {block_size}, accuracy_level "
+            f"{spec['accuracy_level']}): {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s"
+        )
+    return Manifest.from_file(folder)
+
+
+def requantize(src: str | os.PathLike, out: str | os.PathLike, method: str, block_size: int = DEFAULT_BLOCK_SIZE,
+               *, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """Copy the float bundle `src` to `out` (staged, moved into place last) with its decoder quantized."""
+    from export.bundle import Staging
+    from runtime.manifest import Manifest
+
+    manifest = Manifest.from_file(src)
+    with Staging(Path(out), force=force) as stage:
+        for name in [*manifest.files.values(), "manifest.json"]:
+            shutil.copy2(Path(src) / name, stage.path / name)
+        quantize_bundle(stage.path, method, block_size, log=log)
+        stage.commit()
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m export.quantize --bundle artifacts/bench --out artifacts/bench-int4 --quant int4 [--block-size 32]"""
+    import argparse
+    import sys
+
+    from export.errors import ExportError
+    from runtime.errors import HiredError
+
+    p = argparse.ArgumentParser(prog="python -m export.quantize", description="Quantize the decoder of an exported "
+                                "float bundle into a new bundle (MatMulNBits weights; vision and projector unchanged).")
+    p.add_argument("--bundle", required=True, metavar="DIR", help="a float bundle written by python -m export")
+    p.add_argument("--out", required=True, metavar="DIR", help="the quantized bundle to write")
+    p.add_argument("--quant", required=True, choices=BITS, help="weight format of the decoder's linear layers")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="values per scale (default 32)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    log = lambda msg: print(f"[export.quantize] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        check_block_size(args.block_size)
+        requantize(args.bundle, args.out, args.quant, args.block_size, force=args.force, log=log)
+    except (ExportError, HiredError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _tensor_bytes(t: TensorProto) -> int:
     if t.raw_data:
         return len(t.raw_data)
@@ -235,3 +340,7 @@ def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
                 names.extend(n.input)
                 names.extend(_subgraph_inputs(n))
     return names
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
