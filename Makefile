@@ -15,7 +15,7 @@ ifeq ($(RANDOM_WEIGHTS),1)
 EXPORT_FLAGS += --random-weights
 endif
 
-.PHONY: install demo test lint export bench soak serve triton-repo serve-bench clean
+.PHONY: install demo test test-fast lint export bench soak serve triton-repo serve-bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# the inner loop: everything but the `slow` tests (soak, generated fuzz groups, export kills, live servers)
+test-fast: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PYTHON) -m bench
