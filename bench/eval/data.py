@@ -169,6 +169,8 @@ def read_answer_keys(path: str | Path) -> AnswerKeys:
         doc = json.loads(raw)
     except json.JSONDecodeError:
         doc = None  # not one JSON document: jsonl (POPE's *.json label files are jsonl)
+    if isinstance(doc, dict) and "question_id" in doc:
+        doc = None  # a jsonl file of one record
     if isinstance(doc, dict):
         records = doc.get("data", doc.get("annotations"))
         if not isinstance(records, list):
