@@ -15,7 +15,7 @@ ifeq ($(RANDOM_WEIGHTS),1)
 EXPORT_FLAGS += --random-weights
 endif
 
-.PHONY: install demo test test-fast lint export bench soak serve triton-repo serve-bench clean
+.PHONY: install demo test test-fast lint export bench soak eval serve triton-repo serve-bench clean
 
 install: $(STAMP)
 
@@ -55,6 +55,17 @@ bench: $(STAMP)
 
 soak: $(STAMP) artifacts/tiny/manifest.json
 	$(PYTHON) -m bench.soak --artifacts artifacts/tiny --minutes 10
+
+# Accuracy against budget (bench.eval): the shipped sample set by default; for a real task file set QUESTIONS,
+# IMAGES (the image folder) and EVAL_FLAGS (e.g. "--answers labels.json --answer-style short").
+QUESTIONS  ?= bench/eval/sample/questions.jsonl
+IMAGES     ?= bench/eval/sample/images
+BUDGETS    ?= 1.0,0.5,0.2,0.1
+EVAL_OUT   ?= out/eval-$(notdir $(ARTIFACTS))
+EVAL_FLAGS ?= --max-new-tokens 16
+eval: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
+	$(PYTHON) -m bench.eval --artifacts $(ARTIFACTS) --questions $(QUESTIONS) --image-folder $(IMAGES) \
+		--budgets $(BUDGETS) --out $(EVAL_OUT) $(EVAL_FLAGS)
 
 # Serving (Triton): the first `make serve` creates .venv-serve (numpy<2 + PyTriton), a cache `clean` keeps.
 TRITON_REPO ?= triton-repo
