@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"untimed runs per case first [{FULL['warmup']}; quick {QUICK['warmup']}]",
     )
     p.add_argument("--new-tokens", type=int, default=None,
-                   help=f"tokens decoded per run, EOS ignored; decode tok/s = (N-1) / decode time [{FULL['new_tokens']}; quick {QUICK['new_tokens']}]")  # fmt: skip
+                   help=f"tokens decoded per run (min_new_tokens: EOS cannot end it early); decode tok/s = (N-1) / decode time [{FULL['new_tokens']}; quick {QUICK['new_tokens']}]")  # fmt: skip
     p.add_argument("--overhead-calls", type=int, default=None,
                    help=f"calls of plan+select+pack timed for the selection overhead [{FULL['overhead_calls']}; quick {QUICK['overhead_calls']}]")  # fmt: skip
     p.add_argument("--quick", action="store_true",

@@ -8,14 +8,11 @@ Every (budget, image) case runs in its OWN process (`python -m bench.stages --bu
 because a process's peak RSS never goes down: the child loads the bundle, runs `warmup` untimed and `runs` timed
 requests, and prints one JSON line with its raw runs and its peak RSS (getrusage ru_maxrss).
 
-One timed request:
-1. `Pipeline.generate(image, prompt, budget=R, max_new_tokens=new_tokens, trace=...)`: the real runtime code
-   gives preprocess, vision, select, projector, prefill and decode times, and the kept visual tokens.
-2. Decode must cover exactly `new_tokens` tokens (the runtime has no min-length option, and weights may emit
-   EOS at any point): when generate stopped early at EOS, the decode is timed again by `forced_decode` from
-   the same inputs_embeds (one more, untimed, prefill), doing per token what the pipeline's loop does, EOS
-   ignored; `decode_source` says which. decode_tok_s = (new_tokens - 1) / decode time: the first token
-   comes from the prefill's logits, each later one from a decoder step.
+One timed request: `Pipeline.generate(image, prompt, budget=R, max_new_tokens=n, min_new_tokens=n, trace=...)`,
+the real runtime code, gives preprocess, vision, select, projector, prefill and decode times and the kept visual
+tokens. `min_new_tokens` keeps EOS from ending the answer early (random weights may emit it at any point), so
+the decode covers exactly `new_tokens` tokens. decode_tok_s = (new_tokens - 1) / decode time: the first token
+comes from the prefill's logits, each later one from a decoder step.
 """
 
 from __future__ import annotations
@@ -47,43 +44,19 @@ def peak_rss_mb() -> float:
     return kib / 1024.0 if sys.platform != "darwin" else kib / 2**20
 
 
-def forced_decode(pipe, embeds: np.ndarray, new_tokens: int) -> tuple[float, list[int]]:
-    """Greedy-decode exactly `new_tokens` tokens after a prefill of `embeds` [L, Dt], EOS ignored.
-
-    Does per token what the pipeline's decode loop does (pick, detokenize, decoder step); the prefill is not
-    timed. Returns (seconds from the first pick to the last token, generated ids).
-    """
-    from runtime.generate import SamplingConfig, pick_token
-
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be >= 2 to time at least one decode step, got {new_tokens}")
-    greedy = SamplingConfig(max_new_tokens=new_tokens)
-    rng = np.random.default_rng(0)
-    logits, past = pipe.decoder.prefill(embeds)
-    position = embeds.shape[0]
-    ids: list[int] = []
-    t0 = time.perf_counter()
-    while True:
-        ids.append(pick_token(logits, greedy, rng))
-        pipe.prompt.decode(ids)
-        if len(ids) == new_tokens:
-            break
-        logits, past = pipe.decoder.step(ids[-1], position, past)
-        position += 1
-    return time.perf_counter() - t0, ids
-
-
 def measure_request(pipe, image: np.ndarray, prompt: str, budget: float, new_tokens: int) -> dict:
     """One timed request (see the module docstring): stage ms, ttft_ms, decode_tok_s and token counts."""
-    trace: dict = {}
-    r = pipe.generate(image, prompt, budget=budget, max_new_tokens=new_tokens, trace=trace)
-    embeds = trace["inputs_embeds"]
-    trace.clear()
-    if len(r.token_ids) == new_tokens:
-        decode_s, source = r.timings_ms["decode"] / 1000.0, "pipeline"
-    else:  # EOS came early: time the decode again from the same prompt, EOS ignored
-        decode_s, _ = forced_decode(pipe, embeds, new_tokens)
-        source = "forced"
+    from runtime.pipeline import Trace
+
+    trace = Trace()
+    r = pipe.generate(
+        image, prompt, budget=budget, max_new_tokens=new_tokens, min_new_tokens=new_tokens, trace=trace
+    )
+    prefill_tokens = int(trace.inputs_embeds.shape[0])
+    del trace  # the arrays of one request are not kept across runs
+    if len(r.token_ids) != new_tokens:
+        raise RuntimeError(f"generate made {len(r.token_ids)} tokens with min_new_tokens={new_tokens}")
+    decode_s = r.timings_ms["decode"] / 1000.0
     kept = int(r.visual_tokens["kept"])
     run = {f"{k}_ms": float(r.timings_ms[k]) for k in TTFT_STAGES}
     run["ttft_ms"] = ttft_ms(r.timings_ms)
@@ -92,9 +65,8 @@ def measure_request(pipe, image: np.ndarray, prompt: str, budget: float, new_tok
     run["kept"] = kept
     run["before"] = int(r.visual_tokens["before"])
     run["per_image"] = [int(x) for x in r.visual_tokens["per_image"]]
-    run["prefill_tokens"] = int(embeds.shape[0])
-    run["text_tokens"] = int(embeds.shape[0]) - kept
-    run["decode_source"] = source
+    run["prefill_tokens"] = prefill_tokens
+    run["text_tokens"] = prefill_tokens - kept
     return run
 
 

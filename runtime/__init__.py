@@ -10,6 +10,7 @@ from runtime.errors import (
     GenerationError,
     HiredError,
     ImageError,
+    PipelineClosedError,
     PromptError,
     ProviderError,
     RemoteError,
@@ -25,6 +26,7 @@ __all__ = [
     "PromptError",
     "BudgetError",
     "GenerationError",
+    "PipelineClosedError",
     "ProviderError",
     "RemoteError",
 ]

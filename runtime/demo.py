@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show-kept", default="out/demo-kept.png", help="where to write the kept-token picture")
     args = p.parse_args(argv)
 
-    from runtime.pipeline import Pipeline
+    from runtime.pipeline import Pipeline, Trace
     from runtime.visualize import render_kept
 
     try:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         rows = []
         for budget in (1.0, args.budget):
-            trace: dict = {}
+            trace = Trace()
             r = pipe.generate(args.image, args.prompt, budget=budget, max_new_tokens=args.max_new_tokens, trace=trace)
             rows.append(r)
             print(f"\n--- budget {budget} ---")

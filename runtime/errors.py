@@ -33,6 +33,14 @@ class GenerationError(HiredError):
     """Bad generation options (max_new_tokens, temperature, top_p) or a failed graph run."""
 
 
+class PipelineClosedError(HiredError):
+    """The Pipeline was closed: a new request after `close()`, or a stream or request that `close()` ended."""
+
+
+class OutputError(HiredError):
+    """A file or folder a command was asked to write (--dump, --show-kept) cannot be written there."""
+
+
 class ProviderError(HiredError):
     """An unknown execution provider was requested."""
 
@@ -48,6 +56,8 @@ __all__ = [
     "PromptError",
     "BudgetError",
     "GenerationError",
+    "PipelineClosedError",
+    "OutputError",
     "ProviderError",
     "RemoteError",
 ]

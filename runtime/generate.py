@@ -1,47 +1,25 @@
-"""The LLM half: prefill on inputs_embeds, then token-by-token decode with the KV cache; greedy or sampled.
+"""The generate loop, in one place: prefill -> decode -> stop, as token ids and as streamed text pieces.
 
-    dec = Decoder(session, embed_tokens, manifest.text)
-    logits, past = dec.prefill(embeds)                 # embeds: [L, Dt]
-    token = pick_token(logits, sampling, rng)
-    logits, past = dec.step(token, position=L, past=past)
+    gen = Generation(decoder, embeds, sampling, eos=manifest.tokens.eos)    # embeds: [L, Dt]
+    for token in gen: ...                        # new token ids; gen.prefill_logits [V], gen.prefill_s, gen.decode_s
+    pieces = stream_text(gen, prompt.decode, eos)                # text pieces; its return value is the full text
+
+Stops at EOS (included in the ids), after `max_new_tokens`, or when `cancelled()` turns true between two
+decoder steps (`cancel_error()` is raised). Before `min_new_tokens` tokens EOS cannot be picked (its logit is
+masked), so a benchmark gets exactly the length it asks for. The decoder is runtime.decoder.Decoder (or anything
+with its `prefill(embeds, max_new_tokens=) -> (logits, cache)` and `step(token, position, cache) -> (logits, cache)`).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
 
 import numpy as np
 
-from runtime.errors import GenerationError
+from runtime.options import SamplingConfig
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """max_new_tokens >= 1; temperature 0 = greedy; top_p in (0, 1]; seed for reproducible sampling."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int | np.integer):
-            raise GenerationError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not (0 < self.top_p <= 1):
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer)):
-            raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.seed is not None and self.seed < 0:
-            raise GenerationError(f"seed must be >= 0 (numpy's generators take no negative seeds), got {self.seed!r}")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+__all__ = ["Generation", "SamplingConfig", "pick_token", "stream_text"]
 
 
 def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
@@ -62,3 +40,93 @@ def pick_token(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator
         q[keep] = p[keep]
         p = q / q.sum()
     return int(rng.choice(p.shape[0], p=p))
+
+
+def _without(logits: np.ndarray, token: int) -> np.ndarray:
+    """A copy of logits [V] in which `token` can never be picked (greedy or sampled)."""
+    out = logits.astype(np.float32, copy=True)
+    if 0 <= token < out.shape[0]:
+        out[token] = -np.inf
+    return out
+
+
+class Generation:
+    """One request's token loop. Iterate once: prefill runs at the first `next()`, then one decoder step per token.
+
+    decoder:   prefill(embeds [L, Dt], max_new_tokens=) -> (logits [V], cache); step(token, position, cache)
+    sampling:  max_new_tokens, min_new_tokens, temperature, top_p, seed (runtime.options.SamplingConfig)
+    eos:       the end-of-sequence id (stops the loop; never picked before min_new_tokens)
+    cancelled: called between decoder steps; when it returns True, `cancel_error()` is raised
+    After the loop: `ids` (EOS included when produced), `prefill_logits`, `prefill_s`, `decode_s` (seconds
+    from the first pick to the last token, detokenizing included when the caller does it per token).
+    """
+
+    def __init__(
+        self,
+        decoder,
+        embeds: np.ndarray,
+        sampling: SamplingConfig,
+        *,
+        eos: int,
+        cancelled: Callable[[], bool] | None = None,
+        cancel_error: Callable[[], BaseException] | None = None,
+    ):
+        self.decoder = decoder
+        self.embeds = embeds
+        self.sampling = sampling
+        self.eos = int(eos)
+        self._cancelled = cancelled
+        self._cancel_error = cancel_error
+        self.ids: list[int] = []
+        self.prefill_logits: np.ndarray | None = None
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+
+    def _check(self) -> None:
+        if self._cancelled is not None and self._cancelled():
+            raise self._cancel_error() if self._cancel_error else RuntimeError("generation cancelled")
+
+    def __iter__(self) -> Iterator[int]:
+        s = self.sampling
+        t = time.perf_counter()
+        logits, past = self.decoder.prefill(self.embeds, max_new_tokens=s.max_new_tokens)  # sizes the KV cache
+        self.prefill_s = time.perf_counter() - t
+        self.prefill_logits = logits
+        rng = np.random.default_rng(s.seed)
+        position = int(self.embeds.shape[0])
+        t0 = time.perf_counter()
+        try:
+            while True:
+                self._check()
+                masked = _without(logits, self.eos) if len(self.ids) < s.min_new_tokens else logits
+                token = pick_token(masked, s, rng)
+                self.ids.append(token)
+                yield token
+                if token == self.eos or len(self.ids) >= s.max_new_tokens:
+                    return
+                self._check()
+                logits, past = self.decoder.step(token, position, past)
+                position += 1
+        finally:
+            self.decode_s = time.perf_counter() - t0
+
+
+def stream_text(tokens: Iterable[int], decode: Callable[[list[int]], str], eos: int) -> Generator[str, None, str]:
+    """Text pieces of a token stream as soon as they are whole characters; returns the full text (EOS left out).
+
+    `decode(ids)` is the tokenizer's ids -> text. A piece is yielded only when the text so far grew by whole
+    characters (no trailing U+FFFD of a half-decoded byte sequence) and still starts with what was shown."""
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        if token == eos:
+            continue
+        ids.append(token)
+        text = decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown) :]
+            shown = text
+    text = decode(ids)
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown) :]
+    return text

@@ -2,7 +2,9 @@
 
     python -m runtime.infer --artifacts artifacts/tiny --image assets/demo.png --prompt "What is this?" --budget 0.2
 
-Exit codes: 0 done, 2 bad input or bundle (one line on stderr saying what to fix).
+The request flags map one to one onto runtime.options.RequestOptions (defaults included). Output paths
+(--dump, --show-kept) are checked before any model runs.
+Exit codes: 0 done, 2 bad input, bundle or output path (one line on stderr saying what to fix), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,16 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import HiredError
-from runtime.session import PROVIDERS
+from runtime.errors import HiredError, OutputError
+from runtime.image import DEFAULT_MAX_PIXELS, format_pixels
+from runtime.options import RequestOptions
+
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                   ".tiff": "TIFF", ".gif": "GIF"}  # fmt: skip
+DUMP_ARRAYS = ("pixel_values", "early_scores", "late_scores", "inputs_embeds", "prefill_logits")  # + kept_indices.json
+_D = RequestOptions()  # the defaults the help text shows
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from runtime.session import PROVIDERS
+
     p = argparse.ArgumentParser(
         prog="python -m runtime.infer",
         description="Run a LLaVA-NeXT bundle on one image with HiRED visual-token dropping (onnxruntime only).",
@@ -35,49 +46,76 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how crops share the budget: spatial (paper Eq. 1, exact) or official (published code)")
     p.add_argument("--newlines", choices=["none", "rows"],
                    help="newline embeddings in the pruned span: none (HiRED) or one per kept canvas row")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"stop after N new tokens (default {_D.max_new_tokens})")
+    p.add_argument("--min-new-tokens", type=int, metavar="N",
+                   help=f"EOS cannot end the answer before N tokens (default {_D.min_new_tokens})")
+    p.add_argument("--temperature", type=float, help=f"0 = greedy (default {_D.temperature}); > 0 samples")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass, in (0, 1] (default {_D.top_p})")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--provider", choices=PROVIDERS, default="cpu",
                    help="execution provider; cuda/tensorrt fall back to CPU with a warning if unavailable")
-    p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (default 64 Mpx)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse larger images (default {format_pixels(DEFAULT_MAX_PIXELS)})")
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON line, last on stdout (streamed text goes to stderr)")
     p.add_argument("--dump", metavar="DIR", help="write pixel_values, scores, kept indices, inputs_embeds, logits")
-    p.add_argument("--show-kept", metavar="OUT.png", help="write the image with kept patches lit, dropped dimmed")
+    p.add_argument("--show-kept", metavar="OUT.png",
+                   help=f"write the image with kept patches lit, dropped dimmed ({', '.join(PICTURE_FORMATS)})")
     return p  # fmt: skip
+
+
+def request_options(args: argparse.Namespace) -> dict:
+    """The RequestOptions keywords the command line set (the rest keep their defaults)."""
+    return {name: getattr(args, name) for name in RequestOptions.names() if getattr(args, name, None) is not None}
+
+
+def check_outputs(dump: str | None, show_kept: str | None) -> None:
+    """Refuse, before any model runs, output paths that cannot be written (OutputError, one line)."""
+    if dump is not None:
+        folder = Path(dump)
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"--dump {dump}: a file of that name exists; give a folder (it is created if missing)")
+        parent = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"--dump {dump}: {parent} is not a writable folder; choose another place")
+    if show_kept is not None:
+        out = Path(show_kept)
+        if out.suffix.lower() not in PICTURE_FORMATS:
+            raise OutputError(
+                f"--show-kept {show_kept}: unknown picture type {out.suffix or '(no extension)'!r}; end the name "
+                f"with one of {', '.join(PICTURE_FORMATS)}"
+            )
+        if out.is_dir():
+            raise OutputError(f"--show-kept {show_kept} is a folder; give a file name such as kept.png")
+        parent = out.parent
+        if not parent.is_dir():
+            raise OutputError(f"--show-kept {show_kept}: the folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"--show-kept {show_kept}: the folder {parent} is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
-    from runtime.pipeline import Pipeline  # after parsing, so --help is instant
-
     out = sys.stderr if args.json else sys.stdout
     try:
-        pipe = Pipeline.load(args.artifacts, provider=args.provider, max_pixels=args.max_pixels)
-        trace: dict | None = {} if (args.dump or args.show_kept) else None
-        stream = pipe.stream(
-            args.image, args.prompt, budget=args.budget, alpha=args.alpha, distribution=args.distribution,
-            newlines=args.newlines, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, trace=trace,
-        )  # fmt: skip
-        for piece in stream:
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        result = stream.result
-        if args.dump:
-            write_dump(Path(args.dump), trace)
-        if args.show_kept:
-            from runtime.visualize import render_kept
-
-            render_kept(trace, pipe.manifest.image_processor, result).save(args.show_kept)
-        pipe.close()
+        check_outputs(args.dump, args.show_kept)
+        options = RequestOptions.from_kwargs(**request_options(args))  # bad option values: before loading
+        result = run(args, options, out)
     except HiredError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # writing the outputs (disk full, permissions changed meanwhile)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line, and it says so
+        print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())[:500]}; please report it",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -91,12 +129,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_dump(folder: Path, trace: dict) -> None:
-    """The intermediate arrays of one request, for comparing a device's run with a reference."""
+def run(args: argparse.Namespace, options: RequestOptions, out):
+    """Load, stream the answer to `out`, write the dump and the picture; returns the GenerationResult."""
+    from runtime.pipeline import Pipeline, Trace  # after parsing, so --help is instant
+
+    with Pipeline.load(args.artifacts, provider=args.provider, max_pixels=args.max_pixels) as pipe:
+        trace = Trace() if (args.dump or args.show_kept) else None
+        stream = pipe.stream(args.image, args.prompt, trace=trace, **options.to_dict())
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        result = stream.result
+        if args.dump:
+            write_dump(Path(args.dump), trace)
+        if args.show_kept:
+            from runtime.visualize import render_kept
+
+            picture = render_kept(trace, pipe.manifest.image_processor, result)
+            picture.save(args.show_kept, format=PICTURE_FORMATS[Path(args.show_kept).suffix.lower()])
+    return result
+
+
+def write_dump(folder: Path, trace) -> None:
+    """The intermediate arrays of one request (a runtime.pipeline.Trace), for comparing a device's run with a
+    reference: pixel_values.npy, early_scores.npy, late_scores.npy, inputs_embeds.npy, prefill_logits.npy and
+    kept_indices.json ({"per_image": [[token, ...], ...], "order": [...]})."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("pixel_values", "early_scores", "late_scores", "inputs_embeds", "prefill_logits"):
-        np.save(folder / f"{name}.npy", np.asarray(trace[name]))
-    kept = {"per_image": [k.tolist() for k in trace["kept_indices"]], "order": trace["order"].tolist()}
+    for name in DUMP_ARRAYS:
+        np.save(folder / f"{name}.npy", np.asarray(getattr(trace, name)))
+    kept = {"per_image": [k.tolist() for k in trace.kept_indices], "order": trace.order.tolist()}
     (folder / "kept_indices.json").write_text(json.dumps(kept))
 
 

@@ -19,8 +19,7 @@ from typing import Any
 
 from hired import HiredConfig
 from runtime.errors import BudgetError, GenerationError, ImageError
-
-COLOR_ORDERS = ("rgb", "bgr")
+from runtime.image import COLOR_ORDERS
 
 
 @dataclass(frozen=True)
@@ -161,5 +160,8 @@ def _show(value: Any) -> str:
     """repr for messages, safe for a 5,000-digit integer (whose str() raises) and long strings."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)).bit_length() > 64:
         return f"a {abs(int(value)).bit_length()}-bit integer"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a list or dict nested thousands of levels deep
+        return f"a {type(value).__name__} nested too deeply to print"
     return text if len(text) <= 80 else text[:77] + "..."

@@ -5,38 +5,54 @@
         r = p.generate(frame, "What is on the table?", budget=0.2)      # -> GenerationResult
         for piece in p.stream(frame, "Describe it."): print(piece, end="")
 
+One request runs named stages: preprocess (checks, image, prompt) -> vision -> select (HiRED) -> project (kept
+tokens only) -> splice (prompt embeddings around the visual span) -> generate (runtime.generate's loop).
+The request options are runtime.options.RequestOptions; `image=None` asks without an image.
+
 Thread safety: one Pipeline may be called from many threads at once. What is shared: the three onnxruntime
 sessions (their `run` is thread-safe), the tokenizer (read-only), the embedding table and the manifest; every
-request has its own KV cache, buffers and random generator, so no lock is held while decoding. `close()` waits
-for requests in flight.
+request has its own KV cache, buffers and random generator, so no lock is held while decoding.
+`close(timeout=30.0)` ends the closing thread's own open streams at once, gives requests of other threads up
+to `timeout` seconds, then cancels them (see `close`).
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 import os
 import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from hired import NEWLINE, HiredConfig, pack_tokens, plan_budget, select_tokens
+from hired import NEWLINE, AnyresLayout, BudgetPlan, HiredConfig, pack_tokens, plan_budget, select_tokens
+from runtime.bundle_check import check_loaded
 from runtime.decoder import Decoder
-from runtime.errors import BudgetError, BundleError, GenerationError, HiredError, PromptError
-from runtime.generate import SamplingConfig, pick_token
-from runtime.image import load_image
+from runtime.errors import (
+    BundleError,
+    GenerationError,
+    HiredError,
+    ImageError,
+    PipelineClosedError,
+    PromptError,
+)
+from runtime.generate import Generation, stream_text
+from runtime.image import DEFAULT_MAX_PIXELS, load_image
 from runtime.manifest import Manifest
+from runtime.options import RequestOptions, SamplingConfig
 from runtime.preprocess import preprocess
 from runtime.prompt import PromptEncoder
 
-DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_CONTEXT = 8192
-TIMING_KEYS = ("preprocess", "vision", "select", "projector", "prefill", "decode", "total")
+DEFAULT_CLOSE_TIMEOUT_S = 30.0
+# The keys of GenerationResult.timings_ms (export/reference.py's REFERENCE_TIMING_KEYS add "ttft").
+RESULT_TIMING_KEYS = ("preprocess", "vision", "select", "projector", "prefill", "decode", "total")
+_CLOSED = "this Pipeline is closed; load a new one"
 
 
 @dataclass(frozen=True)
@@ -47,7 +63,7 @@ class GenerationResult:
     token_ids: tuple[int, ...]  # generated ids only, EOS included when produced
     visual_tokens: MappingProxyType  # before (stock span), kept (span fed to the LLM), per_image (base first)
     budget: MappingProxyType  # rate, alpha, total (= T), distribution, newlines
-    timings_ms: MappingProxyType  # preprocess, vision, select, projector, prefill, decode, total
+    timings_ms: MappingProxyType  # RESULT_TIMING_KEYS
     provider: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,22 +77,62 @@ class GenerationResult:
         }
 
 
-class TextStream:
-    """Iterator of text pieces; when exhausted, `.result` holds the GenerationResult (also StopIteration.value)."""
+@dataclass
+class Trace:
+    """The intermediate arrays of one request, filled by `generate(..., trace=Trace())`: for `runtime.infer
+    --dump`, the kept-token picture (runtime.visualize) and the benchmarks. None where a stage did not run
+    (a text-only request has no image stages)."""
 
-    def __init__(self, gen: Iterator[str]):
+    pixel_values: np.ndarray | None = None  # [n, 3, s, s] as fed to the vision graph (base image first)
+    early_scores: np.ndarray | None = None  # [n, 576] early-layer CLS attention
+    late_scores: np.ndarray | None = None  # [n, 576] late-layer CLS attention
+    kept_indices: list[np.ndarray] | None = None  # per image, kept token indices in raster order
+    layout: AnyresLayout | None = None
+    plan: BudgetPlan | None = None
+    order: np.ndarray | None = None  # [span] packed visual span: image * 576 + token, or NEWLINE
+    inputs_embeds: np.ndarray | None = None  # [L, Dt] what the decoder's prefill got
+    prefill_logits: np.ndarray | None = None  # [V] last-position logits of the prefill
+
+
+class TextStream:
+    """Iterator of text pieces; when exhausted, `.result` holds the GenerationResult (also StopIteration.value).
+
+    After `Pipeline.close()` ended it, `next()` raises PipelineClosedError."""
+
+    def __init__(self, gen: Iterator[str], release):
         self._gen = gen
+        self._release = release
+        self._lock = threading.Lock()  # held by the thread advancing the stream
+        self._owner = threading.get_ident()  # the thread that made or last advanced it
+        self._ended = False
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
+        with self._lock:
+            self._owner = threading.get_ident()
+            if self._ended:
+                raise PipelineClosedError(f"{_CLOSED} (it ended this stream)")
+            try:
+                return next(self._gen)
+            except StopIteration as stop:
+                self.result = stop.value
+                raise StopIteration(stop.value) from None
+
+    def _end(self) -> bool:
+        """End the stream unless a thread is advancing it right now (then False: it stops at its next check)."""
+        if not self._lock.acquire(blocking=False):
+            return False
         try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self.result = stop.value
-            raise StopIteration(stop.value) from None
+            if self.result is None:
+                self._ended = True
+            self._gen.close()  # a started generator runs its `finally` here
+            self._release()  # a never-started one has none to run
+        finally:
+            self._lock.release()
+        return True
 
 
 class _ReleaseOnce:
@@ -99,15 +155,31 @@ class _ReleaseOnce:
 class _Request:
     """Everything checked and prepared before the graphs run (so bad input fails before any heavy work)."""
 
-    pixel_values: np.ndarray
-    layout: Any
     cfg: HiredConfig
     sampling: SamplingConfig
-    ids_before: list[int]
+    ids_before: list[int]  # prompt ids before the image slot (all of them for a text-only request)
     ids_after: list[int]
+    graphs: tuple  # (vision, projector, decoder) of this request: close() may drop the Pipeline's own
+    pixel_values: np.ndarray | None = None  # None: text-only
+    layout: AnyresLayout | None = None
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = 0.0
-    trace: dict | None = None
+    trace: Trace | None = None
+
+
+def _options_signature() -> inspect.Signature:
+    """generate()'s signature as help() and IDEs show it, derived from RequestOptions (one list of defaults)."""
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str"),
+    ]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields(RequestOptions)
+    ]
+    params.append(inspect.Parameter("trace", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Trace | None"))
+    return inspect.Signature(params, return_annotation="GenerationResult")
 
 
 class Pipeline:
@@ -128,9 +200,11 @@ class Pipeline:
         onnxruntime sessions, e.g. with Triton BLS calls; see `from_sessions`."""
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise HiredError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
+            raise HiredError(f"max_context must be a positive integer, got {max_context!r}")
         self.manifest = manifest
         self.max_pixels = max_pixels
-        self.max_context = min(int(max_context), manifest.text.max_position_embeddings)
+        self.max_context = min(int(max_context), int(manifest.text.max_position_embeddings))
         if sessions is None:
             # onnxruntime is imported only where this process runs the graphs itself
             from runtime.session import OrtSession, log, provider_chain
@@ -146,6 +220,7 @@ class Pipeline:
         self.image_newline = _load_npy(manifest, "image_newline", (manifest.text.hidden_size,))
         self.decoder = Decoder(decoder, self.embed_tokens, manifest.text)
         self.prompt = PromptEncoder(manifest.path("tokenizer"), manifest.prompt, manifest.tokens)
+        check_loaded(manifest, embed_tokens=self.embed_tokens, image_newline=self.image_newline, tokenizer=self.prompt.tokenizer)
         self.defaults = HiredConfig(
             rate=manifest.hired.rate,
             alpha=manifest.hired.alpha,
@@ -156,7 +231,9 @@ class Pipeline:
         self.provider = decoder.provider if len(names) == 1 else ",".join(sorted(names))
         self._active = 0
         self._closed = False
+        self._cancel = threading.Event()  # set when close() gave up waiting: requests stop at their next check
         self._cond = threading.Condition()
+        self._streams: weakref.WeakSet[TextStream] = weakref.WeakSet()
 
     @classmethod
     def from_sessions(cls, manifest: Manifest, *, vision, projector, decoder, **options) -> Pipeline:
@@ -169,52 +246,69 @@ class Pipeline:
         return cls(Manifest.from_file(artifacts), provider=provider, **options)
 
     # ---- public API ---------------------------------------------------------------------------------
-    def generate(
-        self,
-        image,
-        prompt: str,
-        *,
-        budget: float | None = None,
-        alpha: float | None = None,
-        distribution: str | None = None,
-        newlines: str | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        color: str = "rgb",
-        trace: dict | None = None,
-    ) -> GenerationResult:
-        """image: path, bytes, PIL image or uint8 array HxW/HxWx3/HxWx4; None options take the manifest's defaults.
+    def generate(self, image, prompt: str, *, trace: Trace | None = None, **options) -> GenerationResult:
+        """image: path, bytes, PIL image, uint8 array HxW/HxWx3/HxWx4, or None (text only).
 
-        `trace`, when a dict, is filled with the intermediate arrays (for --dump and --show-kept)."""
-        stream = self.stream(
-            image, prompt, budget=budget, alpha=alpha, distribution=distribution, newlines=newlines,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, color=color, trace=trace,
-        )  # fmt: skip
+        options: runtime.options.RequestOptions' fields (budget, alpha, distribution, newlines, max_new_tokens,
+        min_new_tokens, temperature, top_p, seed, color); None HiRED options take the manifest's defaults.
+        `trace`, a Trace, is filled with the intermediate arrays (for --dump and --show-kept)."""
+        stream = self.stream(image, prompt, trace=trace, **options)
         for _ in stream:
             pass
         return stream.result
 
-    def stream(self, image, prompt: str, **options) -> TextStream:
+    generate.__signature__ = _options_signature()
+
+    def stream(self, image, prompt: str, *, trace: Trace | None = None, **options) -> TextStream:
         """Same arguments as `generate`; yields text pieces as they are decoded, then `.result`."""
         self._enter()
         try:
-            req = self._prepare(image, prompt, **options)
+            req = self._prepare(image, prompt, RequestOptions.from_kwargs(**options), trace)
         except BaseException:
             self._leave()
             raise
         release = _ReleaseOnce(self._leave)
-        stream = TextStream(self._execute(req, release))
+        stream = TextStream(self._execute(req, release), release)
         weakref.finalize(stream, release)  # a stream dropped before its end (even never started) frees its slot
+        with self._cond:
+            self._streams.add(stream)
         return stream
 
-    def close(self) -> None:
-        """Wait for requests in flight, then release the sessions."""
+    @property
+    def active_requests(self) -> int:
+        """Requests accepted and not yet finished (streams not read to their end included)."""
+        with self._cond:
+            return self._active
+
+    def hired_config(self, **options) -> HiredConfig:
+        """HiredConfig of request options (budget, alpha, distribution, newlines), the manifest filling Nones."""
+        return RequestOptions.from_kwargs(**options).hired_config(self.defaults)
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Refuse new requests (PipelineClosedError), finish or end the ones open, release the sessions.
+
+        Streams this thread made or last advanced end at once (this thread cannot advance them while it is
+        in close()). Requests of other threads get up to `timeout` seconds to finish; then each is cancelled:
+        a waiting stream ends, a running one stops at its next check (between stages and between decode
+        steps) - both raise PipelineClosedError. So close() returns within about `timeout` seconds; a graph
+        call running in another thread finishes there after close() returned. Calling it again is harmless."""
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+            raise HiredError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         with self._cond:
             self._closed = True
-            self._cond.wait_for(lambda: self._active == 0)
-            self.vision = self.projector = self.decoder = None
+            streams = list(self._streams)
+        me = threading.get_ident()
+        for s in streams:
+            if s._owner == me:
+                s._end()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._active == 0, timeout=timeout):
+                self._cancel.set()
+            streams = list(self._streams)
+        if self._cancel.is_set():
+            for s in streams:
+                s._end()
+        self.vision = self.projector = self.decoder = None
 
     def __enter__(self) -> Pipeline:
         return self
@@ -222,11 +316,11 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- steps --------------------------------------------------------------------------------------
+    # ---- bookkeeping -----------------------------------------------------------------------------------
     def _enter(self) -> None:
         with self._cond:
             if self._closed:
-                raise HiredError("this Pipeline is closed; load a new one")
+                raise PipelineClosedError(_CLOSED)
             self._active += 1
 
     def _leave(self) -> None:
@@ -234,47 +328,12 @@ class Pipeline:
             self._active -= 1
             self._cond.notify_all()
 
-    def hired_config(self, budget=None, alpha=None, distribution=None, newlines=None) -> HiredConfig:
-        """HiredConfig from the request's options, the manifest's defaults filling the Nones."""
-        d = self.defaults
-        rate = d.rate if budget is None else budget
-        a = d.alpha if alpha is None else alpha
-        for name, v in (("budget", rate), ("alpha", a)):
-            if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating) or not math.isfinite(v):
-                raise BudgetError(f"{name} must be a finite number, got {v!r}")
-        try:
-            return HiredConfig(
-                rate=float(rate),
-                alpha=float(a),
-                distribution=d.distribution if distribution is None else distribution,
-                newlines=d.newlines if newlines is None else newlines,
-            )
-        except (ValueError, TypeError) as e:
-            raise BudgetError(str(e)) from None
+    def _cancelled(self) -> bool:
+        return self._cancel.is_set()
 
-    def _prepare(
-        self, image, prompt, *, budget=None, alpha=None, distribution=None, newlines=None, max_new_tokens=128,
-        temperature=0.0, top_p=1.0, seed=None, color="rgb", trace=None,
-    ) -> _Request:  # fmt: skip
-        t0 = time.perf_counter()
-        if trace is not None and not isinstance(trace, dict):
-            raise HiredError(f"trace must be a dict to fill or None, got {type(trace).__name__}")
-        cfg = self.hired_config(budget, alpha, distribution, newlines)
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if isinstance(prompt, str) and len(prompt) > 16 * self.max_context:
-            raise PromptError(f"prompt is {len(prompt)} characters, far over the {self.max_context}-token context")
-        ids_before, ids_after = self.prompt.encode(prompt)
-        rgb = load_image(image, color=color, max_pixels=self.max_pixels)
-        pre = preprocess(rgb, self.manifest.image_processor, patch_size=self.manifest.vision.patch_size)
-        text_len = len(ids_before) + len(ids_after)
-        if text_len + sampling.max_new_tokens + pre.layout.tokens_per_image > self.max_context:
-            raise PromptError(
-                f"prompt is {text_len} tokens; with the image and max_new_tokens={sampling.max_new_tokens} it "
-                f"exceeds the {self.max_context}-token context; shorten it"
-            )
-        req = _Request(pre.pixel_values, pre.layout, cfg, sampling, ids_before, ids_after, t_start=t0, trace=trace)
-        req.timings["preprocess"] = time.perf_counter() - t0
-        return req
+    def _check_open(self) -> None:
+        if self._cancel.is_set():
+            raise PipelineClosedError(f"{_CLOSED} (close() cancelled this request)")
 
     def _execute(self, req: _Request, release: _ReleaseOnce) -> Iterator[str]:
         try:
@@ -282,89 +341,159 @@ class Pipeline:
         finally:
             release()
 
-    def _run(self, req: _Request) -> Iterator[str]:
-        m, layout, cfg, tm = self.manifest, req.layout, req.cfg, req.timings
-        vin, vout = self.vision.inputs, self.vision.outputs
-        t = time.perf_counter()
-        feats, early, late = self.vision.run(
-            {vin["pixel_values"]: req.pixel_values}, [vout["features"], vout["early_scores"], vout["late_scores"]]
-        )
-        tm["vision"] = time.perf_counter() - t
+    # ---- stages --------------------------------------------------------------------------------------
+    def _prepare(self, image, prompt, opts: RequestOptions, trace: Trace | None) -> _Request:
+        """Check the options, prompt and image and preprocess the image: every cheap check before any graph."""
+        t0 = time.perf_counter()
+        if trace is not None and not isinstance(trace, Trace):
+            raise HiredError(f"trace must be a runtime.pipeline.Trace to fill or None, got {type(trace).__name__}")
+        cfg, sampling = opts.hired_config(self.defaults), opts.sampling
+        if sampling.max_new_tokens >= self.max_context:
+            raise GenerationError(
+                f"max_new_tokens={sampling.max_new_tokens} does not fit the {self.max_context}-token context; "
+                f"ask for fewer than {self.max_context} tokens"
+            )
+        if isinstance(prompt, str) and len(prompt) > 16 * self.max_context:
+            raise PromptError(f"prompt is {len(prompt)} characters, far over the {self.max_context}-token context")
+        graphs = (self.vision, self.projector, self.decoder)
+        if image is None:
+            ids_before, ids_after = self._text_only_ids(prompt), []
+            req = _Request(cfg, sampling, ids_before, ids_after, graphs, t_start=t0, trace=trace)
+            visual = 0
+        else:
+            ids_before, ids_after = self.prompt.encode(prompt)
+            rgb = load_image(image, color=opts.color, max_pixels=self.max_pixels)
+            pre = preprocess(rgb, self.manifest.image_processor, patch_size=self.manifest.vision.patch_size)
+            req = _Request(cfg, sampling, ids_before, ids_after, graphs, pre.pixel_values, pre.layout, t_start=t0,
+                           trace=trace)  # fmt: skip
+            visual = pre.layout.tokens_per_image
+        text_len = len(ids_before) + len(ids_after)
+        if text_len + sampling.max_new_tokens + visual > self.max_context:
+            raise PromptError(
+                f"prompt is {text_len} tokens; with the image and max_new_tokens={sampling.max_new_tokens} it "
+                f"exceeds the {self.max_context}-token context; shorten it"
+            )
+        req.timings["preprocess"] = time.perf_counter() - t0
+        return req
 
-        t = time.perf_counter()
+    def _text_only_ids(self, prompt) -> list[int]:
+        """Prompt ids of a request without an image: the template without its image slot."""
+        raise ImageError(
+            "image is None: text-only requests need the prompt template without its image slot, which this "
+            "runtime cannot render yet; pass an image (a path, bytes, a PIL image or a uint8 array)"
+        )
+
+    def _vision(self, req: _Request) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """pixel_values [n, 3, s, s] -> (features [n, 576, Dv], early scores [n, 576], late scores [n, 576])."""
+        vision = req.graphs[0]
+        name = vision.inputs["pixel_values"]
+        out = vision.outputs
+        feats, early, late = vision.run(
+            {name: req.pixel_values.astype(vision.dtype(name), copy=False)},
+            [out["features"], out["early_scores"], out["late_scores"]],
+        )
+        return feats, early, late
+
+    def _select(self, req: _Request, early: np.ndarray, late: np.ndarray) -> tuple[BudgetPlan, list, np.ndarray]:
+        """HiRED: the budget plan from the base image's early scores, top-k by late scores, the packed order."""
         try:
-            plan = plan_budget(layout, early[0].astype(np.float32), cfg)
-            keep = select_tokens(late.astype(np.float32), plan, layout)
+            plan = plan_budget(req.layout, early[0].astype(np.float32), req.cfg)
+            keep = select_tokens(late.astype(np.float32), plan, req.layout)
         except ValueError as e:  # non-finite scores from a broken graph
             raise GenerationError(f"vision graph gave unusable attention scores ({e}); check the bundle") from None
-        order = pack_tokens(keep, layout, cfg)
-        tm["select"] = time.perf_counter() - t
+        return plan, keep, pack_tokens(keep, req.layout, req.cfg)
 
-        t = time.perf_counter()
+    def _project(self, req: _Request, feats: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """The kept tokens through the projector, newline embeddings in their slots: [span, Dt]."""
+        projector = req.graphs[1]
+        name = projector.inputs["features"]
         is_token = order != NEWLINE
         flat = feats.reshape(-1, feats.shape[-1])
-        (projected,) = self.projector.run(
-            {self.projector.inputs["features"]: flat[order[is_token]]}, [self.projector.outputs["projected"]]
+        (projected,) = projector.run(
+            {name: flat[order[is_token]].astype(projector.dtype(name), copy=False)}, [projector.outputs["projected"]]
         )
         visual = np.empty((order.shape[0], projected.shape[-1]), dtype=projected.dtype)
         visual[is_token] = projected
         visual[~is_token] = self.image_newline.astype(projected.dtype)
-        tm["projector"] = time.perf_counter() - t
+        return visual
 
-        embeds = np.concatenate(
-            [self.embed_tokens[req.ids_before], visual.astype(self.embed_tokens.dtype), self.embed_tokens[req.ids_after]]
-        )
+    def _splice(self, req: _Request, visual: np.ndarray | None) -> np.ndarray:
+        """Prompt embeddings around the visual span: inputs_embeds [L, Dt]; PromptError past the context."""
+        table = self.embed_tokens
+        parts = [table[req.ids_before]]
+        if visual is not None:
+            parts.append(visual.astype(table.dtype, copy=False))
+        parts.append(table[req.ids_after])
+        embeds = np.concatenate(parts)
         if embeds.shape[0] + req.sampling.max_new_tokens > self.max_context:
             raise PromptError(
                 f"prompt + image make {embeds.shape[0]} tokens; with max_new_tokens={req.sampling.max_new_tokens} "
                 f"that exceeds the {self.max_context}-token context; shorten the prompt or lower the budget"
             )
-        t = time.perf_counter()
-        logits, past = self.decoder.prefill(embeds)
-        tm["prefill"] = time.perf_counter() - t
-        if req.trace is not None:
-            req.trace.update(
-                pixel_values=req.pixel_values, early_scores=early, late_scores=late, kept_indices=keep, layout=layout,
-                plan=plan, order=order, inputs_embeds=embeds, prefill_logits=logits,
-            )  # fmt: skip
+        return embeds
 
+    def _generate(self, req: _Request, embeds: np.ndarray) -> Iterator[str]:
+        """runtime.generate's loop as text pieces; returns (text, token ids)."""
+        eos = self.manifest.tokens.eos
+        gen = Generation(
+            req.graphs[2], embeds, req.sampling, eos=eos, cancelled=self._cancelled,
+            cancel_error=lambda: PipelineClosedError(f"{_CLOSED} (close() cancelled this request)"),
+        )  # fmt: skip
         t = time.perf_counter()
-        rng = np.random.default_rng(req.sampling.seed)
-        eos = m.tokens.eos
-        ids: list[int] = []
-        shown = ""
-        position = embeds.shape[0]
-        while True:
-            token = pick_token(logits, req.sampling, rng)
-            ids.append(token)
-            if token != eos:
-                text = self.prompt.decode(ids)
-                if not text.endswith("\ufffd") and len(text) > len(shown) and text.startswith(shown):
-                    yield text[len(shown) :]
-                    shown = text
-            if token == eos or len(ids) >= req.sampling.max_new_tokens:
-                break
-            logits, past = self.decoder.step(token, position, past)
-            position += 1
-        text = self.prompt.decode([i for i in ids if i != eos])
-        if text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown) :]
-        tm["decode"] = time.perf_counter() - t
+        text = yield from stream_text(_after_prefill(gen, req), self.prompt.decode, eos)
+        req.timings["prefill"] = gen.prefill_s
+        req.timings["decode"] = time.perf_counter() - t - gen.prefill_s
+        return text, tuple(gen.ids)
+
+    def _run(self, req: _Request) -> Iterator[str]:
+        tm, trace = req.timings, req.trace
+        plan, keep, order, visual = None, [], np.empty(0, dtype=np.int64), None
+        if req.pixel_values is not None:
+            self._check_open()
+            t = time.perf_counter()
+            feats, early, late = self._vision(req)
+            tm["vision"] = time.perf_counter() - t
+            self._check_open()
+            t = time.perf_counter()
+            plan, keep, order = self._select(req, early, late)
+            tm["select"] = time.perf_counter() - t
+            t = time.perf_counter()
+            visual = self._project(req, feats, order)
+            tm["projector"] = time.perf_counter() - t
+            if trace is not None:
+                trace.pixel_values, trace.early_scores, trace.late_scores = req.pixel_values, early, late
+                trace.kept_indices, trace.layout, trace.plan, trace.order = keep, req.layout, plan, order
+        embeds = self._splice(req, visual)
+        if trace is not None:
+            trace.inputs_embeds = embeds
+        self._check_open()
+        text, ids = yield from self._generate(req, embeds)
         tm["total"] = time.perf_counter() - req.t_start
-
+        cfg = req.cfg
         return GenerationResult(
             text=text,
-            token_ids=tuple(ids),
+            token_ids=ids,
             visual_tokens=MappingProxyType(
-                {"before": int(layout.stock_tokens), "kept": int(order.shape[0]), "per_image": tuple(len(k) for k in keep)}
-            ),
-            budget=MappingProxyType(
-                {"rate": cfg.rate, "alpha": cfg.alpha, "total": int(plan.total), "distribution": cfg.distribution,
-                 "newlines": cfg.newlines}
+                {"before": int(req.layout.stock_tokens) if req.layout is not None else 0, "kept": int(order.shape[0]),
+                 "per_image": tuple(len(k) for k in keep)}
             ),  # fmt: skip
-            timings_ms=MappingProxyType({k: round(tm.get(k, 0.0) * 1000, 3) for k in TIMING_KEYS}),
+            budget=MappingProxyType(
+                {"rate": cfg.rate, "alpha": cfg.alpha, "total": int(plan.total) if plan is not None else 0,
+                 "distribution": cfg.distribution, "newlines": cfg.newlines}
+            ),  # fmt: skip
+            timings_ms=MappingProxyType({k: round(tm.get(k, 0.0) * 1000, 3) for k in RESULT_TIMING_KEYS}),
             provider=self.provider,
         )
+
+
+def _after_prefill(gen: Generation, req: _Request) -> Iterator[int]:
+    """The tokens of `gen`, recording the prefill logits into the request's trace once the prefill ran."""
+    first = True
+    for token in gen:
+        if first and req.trace is not None:
+            req.trace.prefill_logits = gen.prefill_logits
+        first = False
+        yield token
 
 
 def _load_npy(manifest: Manifest, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,7 +1,7 @@
 """One checked onnxruntime session per graph of the bundle, with provider choice and an honest fallback.
 
     s = OrtSession.from_manifest(manifest, "vision", provider="cuda")
-    out = s.run(pixel_values=px)            # logical names in and out; tensor names come from the manifest
+    feats, = s.run({s.inputs["pixel_values"]: px}, [s.outputs["features"]])   # tensor names, via the manifest's maps
     s.provider                              # the execution provider that actually runs it
 
 Providers: "cpu"; "cuda" (CUDAExecutionProvider, then CPU); "tensorrt" (TensorRT EP with fp16 and an engine
@@ -141,15 +141,27 @@ class OrtSession:
         return self.input_types[tensor]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-        """Run with feeds keyed by tensor name; casts to the graph's dtypes, checks ranks."""
+        """Run the graph. feeds: tensor name -> array (the tensor names are the manifest's, looked up with
+        `self.inputs[logical]`); outputs: tensor names (`self.outputs[logical]`), None for all, in that order.
+
+        Every feed must be an input of the graph, of its rank and of exactly its dtype (`self.dtype(name)`):
+        nothing is cast here, so a caller feeding float64 or float32 into a float16 graph hears about it
+        (GenerationError naming the tensor, the expected and the given dtype) instead of paying a silent copy."""
         fixed = {}
         for t, v in feeds.items():
             if t not in self.input_types:
-                raise GenerationError(f"{self.name} graph has no input {t!r}")
+                raise GenerationError(
+                    f"{self.name} graph has no input {t!r}; its inputs are {', '.join(sorted(self.input_types))}"
+                )
             v = np.asarray(v)
+            want = np.dtype(self.input_types[t])
+            if v.dtype != want:
+                raise GenerationError(
+                    f"{self.name} input {t!r} must be {want.name}, got {v.dtype.name}; cast it with .astype(np.{want.name})"
+                )
             if v.ndim != self.input_ranks[t]:
                 raise GenerationError(f"{self.name} input {t!r} needs rank {self.input_ranks[t]}, got shape {v.shape}")
-            fixed[t] = np.ascontiguousarray(v, dtype=self.input_types[t])
+            fixed[t] = np.ascontiguousarray(v)
         try:
             return self.session.run(outputs, fixed)
         except Exception as e:

@@ -33,10 +33,12 @@ def _shade(img: np.ndarray, kept: np.ndarray, valid: np.ndarray, side: int) -> n
     return out.astype(np.uint8)
 
 
-def render_kept(trace: dict, spec: ImageProcessorSpec, result=None) -> Image.Image:
-    """trace: the dict Pipeline.generate(..., trace=) fills. Returns an RGB image."""
-    layout, keep = trace["layout"], trace["kept_indices"]
-    images = _denormalize(trace["pixel_values"], spec)
+def render_kept(trace, spec: ImageProcessorSpec, result=None) -> Image.Image:
+    """trace: the runtime.pipeline.Trace that Pipeline.generate(..., trace=) filled. Returns an RGB image."""
+    if trace.layout is None:
+        raise ValueError("the trace holds no image stages (a text-only request); nothing to draw")
+    layout, keep = trace.layout, trace.kept_indices
+    images = _denormalize(trace.pixel_values, spec)
     side, s = layout.side, images.shape[1]
     rows, cols = layout.grid
     n_tok = side * side

@@ -1,5 +1,5 @@
 """bench/: the ideal-speedup formula, the selection overhead, the stage-table runner on the tiny bundle,
-forced decoding, the PyTorch comparison and the GPU check on tiny/CPU."""
+decoding a fixed length (min_new_tokens), the PyTorch comparison and the GPU check on tiny/CPU."""
 
 from __future__ import annotations
 
@@ -132,18 +132,20 @@ def test_help_explains_every_flag(capsys):
 # ---------------------------------------------------------------------------------------------- tiny bundle
 
 
-def test_forced_decode_makes_exactly_n_tokens_and_agrees_with_the_pipeline(tiny_bundle):
-    from bench.stages import forced_decode
-    from runtime.pipeline import Pipeline
+def test_min_new_tokens_makes_exactly_n_tokens_and_agrees_with_the_pipeline_until_eos(pipe):
+    # the stage table decodes exactly new_tokens tokens through min_new_tokens (bench.stages.measure_request)
+    from bench.stages import measure_request
 
     image = synthetic_image(width=1280, height=640)
-    with Pipeline.load(tiny_bundle) as pipe:
-        trace: dict = {}
-        r = pipe.generate(image, "What is this?", budget=0.2, max_new_tokens=6, trace=trace)
-        seconds, ids = forced_decode(pipe, trace["inputs_embeds"], 6)
-    assert len(ids) == 6 and seconds > 0
-    n = len(r.token_ids)  # the pipeline stops at EOS; forced decoding goes on past it
-    assert ids[:n] == list(r.token_ids)
+    r = pipe.generate(image, "What is this?", budget=0.2, max_new_tokens=6)
+    forced = pipe.generate(image, "What is this?", budget=0.2, max_new_tokens=6, min_new_tokens=6)
+    assert len(forced.token_ids) == 6
+    eos = pipe.manifest.tokens.eos
+    n = len(r.token_ids) - (r.token_ids[-1] == eos)  # the pipeline stops at EOS; min_new_tokens holds it off
+    assert forced.token_ids[:n] == r.token_ids[:n]
+    run_ = measure_request(pipe, image, "What is this?", 0.2, 6)
+    assert run_["decode_ms"] > 0 and run_["decode_tok_s"] > 0 and run_["kept"] == r.visual_tokens["kept"]
+    assert run_["prefill_tokens"] == run_["kept"] + run_["text_tokens"]
 
 
 def test_stage_table_on_the_tiny_bundle_writes_rows_json_and_png(tiny_bundle, tmp_path, capsys):

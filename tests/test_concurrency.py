@@ -1,6 +1,6 @@
 """Concurrent callers: 8 threads on one Pipeline get exactly the answers each request gets alone, with no deadlock.
 
-The pool mixes every crop count, input kind, budget and option (bench.soak.make_cases); a few requests in the
+The pool mixes every crop count, input kind, budget and option (tests.helpers.request_pool); a few requests in the
 schedule are invalid, so failing requests run beside good ones. Throughput (requests/s) single-thread vs 8
 threads is printed (`pytest -s`). Streams abandoned by their caller, started or not, must not keep
 `close()` waiting.
@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from bench.soak import expected_answers, make_cases, materialize, run_case
-from runtime.errors import BudgetError, HiredError
+from runtime.errors import BudgetError, HiredError, PipelineClosedError
 from runtime.pipeline import Pipeline
+from tests.helpers import request_pool
 
 THREADS = 8
 PER_THREAD = 24  # 192 requests in all
@@ -29,17 +29,13 @@ SIZES = ((640, 320), (300, 620), (990, 330), (700, 660), (23, 17), (1, 400))
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    with Pipeline.load(tiny_bundle) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
 def pool(pipe, tmp_path_factory):
-    """(cases, their image arguments, tokens of each run alone)."""
-    cases = make_cases(8, seed=3, sizes=SIZES, max_new_tokens=2)
-    images = [materialize(c, tmp_path_factory.mktemp("concurrency")) for c in cases]
-    expected, crops = expected_answers(pipe, cases, images)
+    """(requests, their image arguments, tokens of each run alone)."""
+    cases = request_pool(8, seed=3, sizes=SIZES, max_new_tokens=2, workdir=tmp_path_factory.mktemp("concurrency"))
+    images = [c.image for c in cases]
+    alone = [c.run(pipe) for c in cases]
+    expected = [tuple(r.token_ids) for r in alone]
+    crops = sorted({len(r.visual_tokens["per_image"]) - 1 for r in alone})
     assert crops == [2, 3, 4], "the pool must cover every crop count"
     return cases, images, expected
 
@@ -59,8 +55,8 @@ def run_one(pipe, pool, k: int, use_stream: bool):
             return e
         raise AssertionError("budget=2.0 was accepted")
     if not use_stream:
-        return tuple(run_case(pipe, cases[k], images[k]).token_ids)
-    stream = pipe.stream(images[k], cases[k].prompt, **cases[k].options())
+        return tuple(cases[k].run(pipe).token_ids)
+    stream = pipe.stream(images[k], cases[k].prompt, **cases[k].options)
     text = "".join(stream)
     assert text == stream.result.text
     return tuple(stream.result.token_ids)
@@ -140,7 +136,7 @@ def test_close_waits_for_requests_in_flight_which_still_answer_right(tiny_bundle
     got: dict[int, tuple] = {}
 
     def worker(k: int) -> None:
-        stream = p.stream(images[k], cases[k].prompt, **cases[k].options())
+        stream = p.stream(images[k], cases[k].prompt, **cases[k].options)
         started.wait()
         for _ in stream:
             time.sleep(0.05)  # a slow consumer: close() must wait for it
@@ -159,3 +155,75 @@ def test_close_waits_for_requests_in_flight_which_still_answer_right(tiny_bundle
     assert got == {k: expected[k] for k in range(4)}, "requests in flight when close() was called went wrong"
     with pytest.raises(HiredError, match="closed"):
         p.generate(images[0], "What is it?", max_new_tokens=1)
+
+
+def test_close_ends_the_streams_its_own_thread_still_holds_at_once(tiny_bundle):
+    image = np.zeros((20, 30, 3), np.uint8)
+    with Pipeline.load(tiny_bundle) as p:
+        never_started = p.stream(image, "What is it?", max_new_tokens=4)
+        half_read = p.stream(image, "Describe it.", max_new_tokens=4, min_new_tokens=4)
+        for _ in half_read:
+            break
+        t0 = time.perf_counter()
+    # leaving the block closed the Pipeline while both streams are still referenced
+    assert time.perf_counter() - t0 < 5.0, "close() waited for streams only this thread could advance"
+    assert p.active_requests == 0
+    for stream in (never_started, half_read):
+        with pytest.raises(PipelineClosedError, match="closed"):
+            next(stream)
+    with pytest.raises(PipelineClosedError, match="closed; load a new one"):
+        p.generate(image, "What is it?", max_new_tokens=1)
+    p.close()  # a second close is harmless
+
+
+def test_close_gives_other_threads_its_timeout_then_cancels_them(tiny_bundle):
+    image = np.zeros((40, 60, 3), np.uint8)
+    p = Pipeline.load(tiny_bundle)
+    outcome: dict[str, object] = {}
+    running, parked, release = threading.Event(), threading.Event(), threading.Event()
+
+    def long_request() -> None:  # thousands of decode steps: it cannot finish within the timeout
+        stream = p.stream(image, "Tell a long story.", max_new_tokens=3000, min_new_tokens=3000)
+        try:
+            for i, _ in enumerate(stream):
+                if i == 1:
+                    running.set()
+            outcome["long"] = "finished"
+        except HiredError as e:
+            outcome["long"] = e
+
+    def parked_stream() -> None:  # reads one piece, then leaves its stream open and waits
+        stream = p.stream(image, "What is it?", max_new_tokens=8, min_new_tokens=8)
+        next(stream)
+        parked.set()
+        release.wait(60)
+        try:
+            next(stream)
+            outcome["parked"] = "advanced"
+        except HiredError as e:
+            outcome["parked"] = e
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (long_request, parked_stream)]
+    for th in threads:
+        th.start()
+    assert running.wait(120) and parked.wait(120)
+    t0 = time.perf_counter()
+    p.close(timeout=0.5)
+    took = time.perf_counter() - t0
+    release.set()
+    for th in threads:
+        th.join(30)
+    assert not any(th.is_alive() for th in threads), "a request went on after close() cancelled it"
+    assert 0.5 <= took < 5.0, f"close(timeout=0.5) took {took:.2f} s"
+    assert isinstance(outcome["long"], PipelineClosedError), outcome["long"]
+    assert isinstance(outcome["parked"], PipelineClosedError), outcome["parked"]
+    assert all("\n" not in str(outcome[k]) and "closed" in str(outcome[k]) for k in outcome)
+    assert p.active_requests == 0
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "5", None, True])
+def test_close_timeout_must_be_seconds(tiny_bundle, timeout):
+    p = Pipeline.load(tiny_bundle)
+    with pytest.raises(HiredError, match="timeout must be a number of seconds"):
+        p.close(timeout=timeout)
+    p.close()

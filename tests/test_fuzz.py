@@ -13,6 +13,7 @@ Most cases are invalid and fail in input validation (milliseconds); the valid on
 max_new_tokens=1. Outcomes are counted by error type, printed (`pytest -s`) and written as JSON to
 `<pytest basetemp>/fuzz-summary.json` (or $HIRED_FUZZ_SUMMARY). $HIRED_FUZZ_SCALE multiplies the case counts
 (e.g. 10 for a long local run); $HIRED_FUZZ_RANDOM=1 draws new cases each run instead of the fixed ones.
+The generated groups and the closing memory check are `slow` (`make test-fast` skips them); the fixed cases are not.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import os
 import resource
 import struct
 import sys
-import threading
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -37,10 +37,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bench.images import synthetic_image
-from bench.soak import fd_count, rss_mb
 from runtime.errors import BudgetError, GenerationError, HiredError, ImageError, PromptError
 from runtime.pipeline import GenerationResult, Pipeline
+from tests.helpers import fd_count, rss_mb, scene_array
 
 SCALE = float(os.environ.get("HIRED_FUZZ_SCALE", "1"))
 HANG_LIMIT_S = 60.0  # a single case slower than this is a hang (a full tiny run takes well under 2 s)
@@ -50,7 +49,7 @@ MIN_CASES = 2000
 EVERY_NTH_FULL = 10  # prompt and option cases: one in this many runs the whole pipeline, the rest stop early
 FULL_RUNS: Counter = Counter()
 PROMPT = "What is in this picture?"
-SMALL = synthetic_image(width=12, height=9, seed=5)  # a valid image: 1 base + 2 crops, the cheapest full run
+SMALL = scene_array(width=12, height=9, seed=5)  # a valid image: 1 base + 2 crops, the cheapest full run
 NOT_AN_IMAGE = np.zeros((0, 4, 3), np.uint8)  # refused by the image check, after the prompt check
 
 
@@ -134,26 +133,16 @@ def _record_rss(request):
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    p = Pipeline.load(tiny_bundle)
-    yield p
-    closer = threading.Thread(target=p.close, daemon=True)  # close() waits for requests in flight
-    closer.start()
-    closer.join(60)
-    assert not closer.is_alive(), "Pipeline.close() hung after the fuzz cases: a request was never released"
-
-
-@pytest.fixture(scope="module")
 def reference(pipe):
     """Warm up on every crop count, then record the reference answer, RSS and descriptors."""
     for size in ((640, 320), (990, 330), (700, 660)):  # 2, 3 and 4 crops, and the longest prompt
-        pipe.generate(synthetic_image(width=size[0], height=size[1], seed=1), PROMPT, max_new_tokens=2, budget=1.0, newlines="rows")
-    tokens = pipe.generate(synthetic_image(width=700, height=660, seed=2), PROMPT, max_new_tokens=2).token_ids
+        pipe.generate(scene_array(width=size[0], height=size[1], seed=1), PROMPT, max_new_tokens=2, budget=1.0, newlines="rows")
+    tokens = pipe.generate(scene_array(width=700, height=660, seed=2), PROMPT, max_new_tokens=2).token_ids
     return {"tokens": tokens, "rss_mb": rss_mb(trim=True), "fds": fd_count()}
 
 
 def assert_still_answers(pipe: Pipeline, reference: dict) -> None:
-    got = pipe.generate(synthetic_image(width=700, height=660, seed=2), PROMPT, max_new_tokens=2).token_ids
+    got = pipe.generate(scene_array(width=700, height=660, seed=2), PROMPT, max_new_tokens=2).token_ids
     assert got == reference["tokens"], "after the fuzz cases the same request gives different tokens"
 
 
@@ -282,6 +271,7 @@ def corrupt_images(draw) -> tuple[bytes, str]:
 
 
 # ---- 1. encoded images --------------------------------------------------------------------------------------
+@pytest.mark.slow
 @examples(40)
 @given(case=encoded_images(), budget=st.sampled_from([0.1, 0.2, 0.5, 1.0]))
 def test_valid_images_of_every_mode_and_format_succeed(pipe, reference, case, budget):
@@ -289,6 +279,7 @@ def test_valid_images_of_every_mode_and_format_succeed(pipe, reference, case, bu
     assert attempt(pipe, "valid encoded", data, budget=budget) == "ok", what
 
 
+@pytest.mark.slow
 @examples(500)
 @given(case=corrupt_images())
 def test_truncated_and_corrupt_files_answer_or_raise_image_error(pipe, case):
@@ -320,6 +311,7 @@ def peak_before_bombs(reference) -> float:
     return _maxrss_mb()
 
 
+@pytest.mark.slow
 @examples(300)
 @given(case=bombs())
 def test_headers_claiming_huge_sizes_are_refused_before_decoding(pipe, peak_before_bombs, case):
@@ -379,6 +371,7 @@ def arrays(draw) -> tuple[np.ndarray, bool, str]:
     return arr, valid, f"{dtype} {shape} {layout}"
 
 
+@pytest.mark.slow
 @examples(700)
 @given(case=arrays(), color=st.sampled_from(["rgb", "bgr"]))
 def test_arrays_of_any_dtype_and_shape_answer_exactly_when_valid(pipe, case, color):
@@ -403,7 +396,7 @@ def test_extreme_sizes_succeed_as_files_too(pipe, mode, size):
 
 
 def test_memory_layouts_and_array_subclasses_give_the_same_answer(pipe):
-    rgb = synthetic_image(width=40, height=30, seed=9)
+    rgb = scene_array(width=40, height=30, seed=9)
     want = pipe.generate(rgb, PROMPT, max_new_tokens=1).token_ids
     readonly = rgb.copy()
     readonly.setflags(write=False)
@@ -509,6 +502,7 @@ def prompt_checked_first(pipe) -> bool:
     raise AssertionError("an empty prompt with an empty image did not fail")
 
 
+@pytest.mark.slow
 @examples(450)
 @given(prompt=prompts)
 def test_prompts_answer_or_raise_prompt_error(pipe, prompt_checked_first, prompt):
@@ -569,6 +563,7 @@ def options(draw) -> tuple[dict, dict]:
     return valid, {name: draw(INVALID[name]) for name in sorted(bad)}
 
 
+@pytest.mark.slow
 @examples(400)
 @given(case=options())
 def test_options_answer_exactly_when_valid_else_name_the_option(pipe, case):
@@ -588,6 +583,7 @@ def test_options_answer_exactly_when_valid_else_name_the_option(pipe, case):
 
 
 # ---- 7. after everything ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_after_all_cases_memory_and_handles_are_back_and_the_answer_is_unchanged(pipe, reference, tmp_path_factory):
     assert_still_answers(pipe, reference)
     summary = TALLY.summary()

@@ -13,29 +13,13 @@ import pytest
 from PIL import Image
 
 from runtime import BudgetError, GenerationError, ImageError, PromptError
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, Trace
+from tests.helpers import scene
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(800, 600), (450, 1000), (1300, 380)]  # (width, height): landscape, portrait, wide strip
 PROMPT = "What is in this picture?"
 NEW = 10
-
-
-def scene(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A seeded picture with structure (gradients + blocks), so attention is not uniform."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    img = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), (x + y) % 256], -1)
-    for _ in range(6):
-        x0, y0 = rng.integers(0, width), rng.integers(0, height)
-        img[y0 : y0 + height // 5, x0 : x0 + width // 5] = rng.integers(0, 256, 3)
-    return Image.fromarray(img.astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_bundle):
-    with Pipeline.load(tiny_bundle) as p:
-        yield p
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +38,18 @@ def test_budget_one_equals_transformers_token_for_token(pipe, hf, size):
 
     model, processor = hf
     img = scene(*size)
-    trace: dict = {}
+    trace = Trace()
     r = pipe.generate(img, PROMPT, budget=1.0, max_new_tokens=NEW, trace=trace)
 
     text = pipe.manifest.prompt.template.replace("{prompt}", PROMPT)
     inputs = processor(images=img, text=text, return_tensors="pt")
-    np.testing.assert_allclose(trace["pixel_values"], inputs["pixel_values"][0].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(trace.pixel_values, inputs["pixel_values"][0].numpy(), atol=1e-5, rtol=0)
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1].numpy()
         out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
     expected = out[0, inputs["input_ids"].shape[1] :].tolist()
     assert list(r.token_ids) == expected
-    np.testing.assert_allclose(trace["prefill_logits"], logits, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(trace.prefill_logits, logits, atol=2e-4, rtol=1e-4)
     # The stock span: what transformers expands <image> into.
     n_image_tokens = int((inputs["input_ids"] == pipe.manifest.tokens.image).sum())
     assert r.visual_tokens["kept"] == r.visual_tokens["before"] == n_image_tokens
@@ -74,9 +58,9 @@ def test_budget_one_equals_transformers_token_for_token(pipe, hf, size):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("rate", [0.1, 0.2, 0.4])
 def test_spatial_keeps_the_exact_documented_count(pipe, size, rate):
-    trace: dict = {}
+    trace = Trace()
     r = pipe.generate(scene(*size, seed=1), PROMPT, budget=rate, max_new_tokens=1, trace=trace)
-    layout = trace["layout"]
+    layout = trace.layout
     n = 1 + layout.n_crops
     total = int(n * 576 * rate)
     exact = min(total, 576 + int(layout.capacities.sum()))
@@ -101,14 +85,14 @@ def test_pruned_run_matches_the_pytorch_reference(pipe, hf):
     model, processor = hf
     img = scene(800, 600, seed=3)
     for distribution in ("spatial", "official"):
-        trace: dict = {}
+        trace = Trace()
         r = pipe.generate(img, PROMPT, budget=0.2, distribution=distribution, max_new_tokens=NEW, trace=trace)
         ref = reference.HiredReference(model, processor).run(
             img, PROMPT, rate=0.2, alpha=0.5, distribution=distribution, max_new_tokens=NEW
         )
-        for got, want in zip(trace["kept_indices"], ref.kept_indices):
+        for got, want in zip(trace.kept_indices, ref.kept_indices):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        np.testing.assert_allclose(trace["inputs_embeds"], ref.inputs_embeds[0].float().numpy(), atol=1e-4)
+        np.testing.assert_allclose(trace.inputs_embeds, ref.inputs_embeds[0].float().numpy(), atol=1e-4)
         assert list(r.token_ids)[: len(ref.token_ids)] == list(ref.token_ids)
 
 

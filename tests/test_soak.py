@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = 200
 
 
+@pytest.mark.slow
 def test_soak_keeps_memory_flat_handles_closed_and_answers_unchanged(tiny_bundle, tmp_path):
     with Pipeline.load(tiny_bundle) as pipe:
         report = run_soak(
