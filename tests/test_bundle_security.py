@@ -15,6 +15,8 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -229,12 +231,23 @@ def test_graph_weights_read_from_outside_the_bundle_are_refused(bundle, where):
     refused(bundle, "projector.onnx cannot be loaded by onnxruntime")
 
 
-def test_a_graph_with_the_right_names_but_wrong_shapes_fails_its_first_request_in_one_line(bundle):
-    # The manifest names tensors but not their ranks, so this loads; the first request must then fail cleanly.
+def test_a_graph_with_the_right_names_but_wrong_ranks_is_refused_at_load(bundle):
+    # Issue 16.5: ranks, element types and fixed sizes are checked when the session is created.
     x = helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["k"])
     y = helper.make_tensor_value_info("projected_features", TensorProto.FLOAT, ["k"])
     graph = tiny_graph([x], [y], [helper.make_node("Identity", ["image_features"], ["projected_features"])])
     (bundle / "projector.onnx").write_bytes(graph.SerializeToString())
+    write_manifest(bundle, rehash(bundle, manifest_of(bundle)))
+    refused(bundle, "projector.onnx input 'image_features'", "rank 1", "rank 2")
+
+
+def test_a_graph_that_passes_the_load_checks_but_fails_at_run_time_fails_its_first_request_in_one_line(bundle):
+    # Declared [k, 128] -> [1, 128] as the checks want; the Gather reads row 100000, which no request has.
+    x = helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["k", 128])
+    y = helper.make_tensor_value_info("projected_features", TensorProto.FLOAT, ["k", 128])
+    row = numpy_helper.from_array(np.array([100_000], np.int64), "row")
+    gather = helper.make_node("Gather", ["image_features", "row"], ["projected_features"], axis=0)
+    (bundle / "projector.onnx").write_bytes(tiny_graph([x], [y], [gather], [row]).SerializeToString())
     write_manifest(bundle, rehash(bundle, manifest_of(bundle)))
     with Pipeline.load(bundle) as pipe:
         with pytest.raises(GenerationError, match="projector") as info:
@@ -292,6 +305,315 @@ def test_arrays_and_tokenizer_of_the_wrong_kind_are_refused(bundle, name, conten
         path.write_bytes(value)
     write_manifest(bundle, rehash(bundle, data))
     refused(bundle, fragment)
+
+
+# ---- the manifest's values (issue 16.4): every number in its range, every choice known, nothing absurd -----
+def write_raw(bundle: Path, data: dict, **raw: str) -> None:
+    """manifest.json with `data`, where each string value "@key@" is replaced by the JSON text raw[key]
+    (numbers json.dumps cannot write: 9999...9 with thousands of digits, NaN spelled otherwise, ...)."""
+    text = json.dumps(data, indent=1)
+    for key, value in raw.items():
+        assert f'"@{key}@"' in text
+        text = text.replace(f'"@{key}@"', value)
+    (bundle / "manifest.json").write_text(text)
+
+
+def nested(depth: int, leaf=0):
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        # HiRED defaults: NaN, infinities, out of range, unknown choices
+        (lambda d: d["hired"].update(alpha=float("nan")), ["hired.alpha", "nan"]),
+        (lambda d: d["hired"].update(rate=float("-inf")), ["hired.rate"]),
+        (lambda d: d["hired"].update(rate=0.0), ["hired.rate = 0.0", "(0.0, 1.0]"]),
+        (lambda d: d["hired"].update(rate=1.25), ["hired.rate = 1.25"]),
+        (lambda d: d["hired"].update(alpha=-0.125), ["hired.alpha = -0.125", "[0.0, 1.0]"]),
+        (lambda d: d["hired"].update(rate=1e300), ["hired.rate"]),
+        (lambda d: d["hired"].update(distribution="Spatial"), ["hired.distribution = 'Spatial'", "spatial, official"]),
+        (lambda d: d["hired"].update(distribution=""), ["hired.distribution"]),
+        (lambda d: d["hired"].update(newlines="row"), ["hired.newlines = 'row'", "none, rows"]),
+        # sizes: negative, zero, bools and floats where integers belong, absurdly large
+        (lambda d: d["vision"].update(hidden_size=-128), ["vision.hidden_size = -128"]),
+        (lambda d: d["vision"].update(heads=0), ["vision.heads = 0"]),
+        (lambda d: d["text"].update(num_kv_heads=0), ["text.num_kv_heads = 0"]),
+        (lambda d: d["text"].update(head_dim=-32), ["text.head_dim = -32"]),
+        (lambda d: d["text"].update(num_layers=True), ["text.num_layers must be an integer, got True"]),
+        (lambda d: d["vision"].update(tokens_per_image=576.0), ["vision.tokens_per_image must be an integer"]),
+        (lambda d: d["text"].update(vocab_size=2**40), ["text.vocab_size = 1099511627776"]),
+        (lambda d: d["text"].update(max_position_embeddings=0), ["text.max_position_embeddings = 0"]),
+        (lambda d: d["text"].update(num_layers=10**30), ["text.num_layers"]),
+        (lambda d: d["vision"].update(num_layers=-6), ["vision.num_layers = -6"]),
+        # image processor numbers
+        (lambda d: d["image_processor"].update(image_std=[0.27, 0.0, 0.28]), ["image_processor.image_std[1] = 0.0"]),
+        (lambda d: d["image_processor"].update(image_mean=[0.5, float("inf"), 0.4]), ["image_processor.image_mean[1]"]),
+        (lambda d: d["image_processor"].update(rescale_factor=-1 / 255), ["image_processor.rescale_factor"]),
+        (lambda d: d["image_processor"].update(image_std=[1e308, 0.5, 0.5]), ["image_processor.image_std[0]"]),
+        (lambda d: d["image_processor"].update(resample="cubic"), ["image_processor.resample = 'cubic'", "bicubic"]),
+        (lambda d: d["image_processor"].update(grid_pinpoints=[]), ["image_processor.grid_pinpoints is empty"]),
+        (lambda d: d["image_processor"].update(grid_pinpoints=[[336, 500]]), ["grid_pinpoints[0] = [336, 500]", "crop_size 336"]),
+        (lambda d: d["image_processor"].update(grid_pinpoints=[[336, 336 * 200]]), ["grid_pinpoints[0] = 67200"]),
+        (lambda d: d["image_processor"].update(grid_pinpoints=[[0, 336]]), ["grid_pinpoints[0] = 0"]),
+        (lambda d: d["image_processor"].update(shortest_edge=-336), ["image_processor.shortest_edge = -336"]),
+        # layers the vision graph does not run
+        (lambda d: d["vision"].update(feature_layer=9), ["vision.feature_layer = 9"]),
+        (lambda d: d["vision"].update(late_layer=5), ["vision.late_layer = 5", "vision.feature_layer -2"]),
+        (lambda d: d["vision"].update(early_layer=-1), ["vision.early_layer = -1"]),
+        # choices, hashes, tensor names
+        (lambda d: d["model"].update(dtype="bf8"), ["model.dtype = 'bf8'", "fp32, fp16"]),
+        (lambda d: d["sha256"].update(vision="abc123"), ["sha256.vision = 'abc123'", "not a sha256"]),
+        (lambda d: d["sha256"].update(ghost="0" * 64), ["sha256.ghost has no entry in files"]),
+        (lambda d: d["graphs"]["decoder"]["inputs"].update(past_key="past.{layer}.key"), ["graphs.decoder.inputs.past_key"]),
+        (lambda d: d["graphs"]["decoder"]["outputs"].update(present_value="present.{}.value"), ["graphs.decoder.outputs.present_value"]),
+        (lambda d: d["graphs"]["vision"]["outputs"].update(features=""), ["graphs.vision.outputs.features"]),
+        (lambda d: d["graphs"]["decoder"]["inputs"].pop("inputs_embeds"), ["graphs.decoder.inputs has no inputs_embeds"]),
+        (lambda d: d["graphs"]["vision"]["outputs"].pop("late_scores"), ["graphs.vision.outputs has no late_scores"]),
+        (lambda d: d["prompt"].update(image_placeholder=" "), ["prompt"]),
+        # file names no file system holds
+        (lambda d: d["files"].update(projector="projector\x00.onnx"), ["files.projector", "control character"]),
+        (lambda d: d["files"].update(tokenizer="tok\nenizer.json"), ["files.tokenizer", "control character"]),
+        (lambda d: d["files"].update(vision="v" * 256 + ".onnx"), ["files.vision", "longer than a file system allows"]),
+        (lambda d: d["files"].update(decoder="deep/" * 900 + "decoder.onnx"), ["files.decoder", "longer than a file system allows"]),
+        (lambda d: d["files"].update(embed_tokens="\ud834.npy"), ["files.embed_tokens", "cannot be encoded"]),
+        (lambda d: d["files"].update(image_newline=""), ["files.image_newline", "not a file name"]),
+        # absurd nesting that json.loads still parses
+        (lambda d: d["export_info"].update(deep=nested(40)), ["nests more than 32 levels", "export_info.deep"]),
+    ],
+    ids=["alpha-nan", "rate-minus-inf", "rate-zero", "rate-above-1", "alpha-negative", "rate-huge-float",
+         "distribution-case", "distribution-empty", "newlines-unknown", "negative-width", "zero-heads",
+         "zero-kv-heads", "negative-head-dim", "bool-for-int", "float-for-int", "huge-vocab", "zero-context",
+         "30-digit-layers", "negative-layers", "zero-std", "infinite-mean", "negative-rescale", "huge-std",
+         "unknown-resample", "no-pinpoints", "pinpoint-not-crops", "pinpoint-too-many-crops", "pinpoint-zero",
+         "negative-edge", "feature-layer-past-tower", "late-layer-not-run", "early-layer-negative", "unknown-dtype",
+         "short-hash", "hash-without-file", "tensor-name-unknown-field", "tensor-name-empty-field",
+         "tensor-name-empty", "missing-logical-input", "missing-logical-output", "blank-placeholder",
+         "nul-in-file-name", "newline-in-file-name", "file-name-too-long", "path-too-long", "unencodable-file-name",
+         "empty-file-name", "nesting-40"],
+)  # fmt: skip
+def test_manifest_values_out_of_range_or_unknown_are_refused_naming_the_key(bundle, edit, fragments):
+    data = manifest_of(bundle)
+    edit(data)
+    write_manifest(bundle, data)
+    refused(bundle, *fragments)
+
+
+@pytest.mark.parametrize(
+    "where, raw, fragments",
+    [
+        (("text", "vocab_size"), "9" * 4400, ["text.vocab_size is an integer of 4400 digits"]),
+        (("tokens", "eos"), "-" + "1" * 12000, ["tokens.eos is an integer of 12000 digits"]),
+        (("hired", "alpha"), "7" * 4301, ["hired.alpha is an integer of 4301 digits"]),
+        (("export_info", "seed"), "3" * 6000, ["export_info.seed is an integer of 6000 digits"]),
+        (("format_version",), "1" + "0" * 5000, ["format_version", "5001 digits"]),
+        (("hired", "rate"), "-Infinity", ["hired.rate = -inf"]),
+        (("image_processor", "rescale_factor"), "1e999", ["image_processor.rescale_factor = inf"]),
+        (("vision", "heads"), "NaN", ["vision.heads must be an integer, got nan"]),
+        (("hired", "rate"), "1" + "0" * 400, ["hired.rate is an integer of 401 digits"]),
+        (("export_info", "deep"), "[" * 3000 + "]" * 3000, ["nests more than 32 levels", "export_info.deep"]),
+        (("export_info", "deep"), '{"a": ' * 2500 + "1" + "}" * 2500, ["nests more than 32 levels", "export_info.deep.a.a"]),
+    ],
+    ids=["4400-digit-int", "12000-digit-negative", "4301-digit-float-field", "huge-int-in-free-form",
+         "huge-version", "minus-infinity", "overflowing-float", "nan-for-int", "400-digit-float", "3000-deep-lists",
+         "2500-deep-objects"],
+)  # fmt: skip
+def test_numbers_and_nesting_json_cannot_hold_are_refused_naming_the_key(bundle, where, raw, fragments):
+    data = manifest_of(bundle)
+    target = data
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = "@value@"
+    write_raw(bundle, data, value=raw)
+    refused(bundle, *fragments)
+
+
+def test_an_oversized_manifest_is_refused_without_parsing_it(bundle):
+    data = manifest_of(bundle)
+    data["export_info"]["notes"] = "x" * (2 << 20)
+    write_manifest(bundle, data)
+    refused(bundle, "manifest.json is", "bytes, more than any manifest needs")
+
+
+@pytest.mark.parametrize(
+    "raw, fragments",
+    [
+        ("9" * 4500, ["manifest.json must hold a JSON object"]),
+        ("[" * 100_000, ["nests more than 32 levels", "[0][0][0]"]),
+        ('{"format_version": ' * 200 + "1" + "}" * 200, ["nests more than 32 levels", "format_version.format_version"]),
+    ],
+    ids=["huge-int-alone", "100k-brackets", "deep-top-level-key"],
+)
+def test_manifest_files_that_are_one_absurd_value_are_refused(bundle, raw, fragments):
+    (bundle / "manifest.json").write_text(raw)
+    refused(bundle, *fragments)
+
+
+@pytest.mark.parametrize(
+    "key, raw",
+    [(("text", "hidden_size"), "8" * 7000), (("files", "vision"), '"vision\\u0000.onnx"'), (("hired", "newlines"), '"cols"')],
+    ids=["7000-digit-int", "nul-file-name", "unknown-newlines"],
+)
+def test_the_cli_refuses_a_bad_manifest_in_one_line_with_exit_2(bundle, tmp_path, key, raw):
+    data = manifest_of(bundle)
+    data[key[0]][key[1]] = "@value@"
+    write_raw(bundle, data, value=raw)
+    image = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.new("RGB", (24, 16), (120, 30, 200)).save(image)
+    cmd = [sys.executable, "-m", "runtime.infer", "--artifacts", str(bundle), "--image", str(image), "--prompt", "Hi"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"{key[0]}.{key[1]}" in lines[0] and FIX.search(lines[0]), lines[0]
+
+
+# ---- consistent but wrong (issue 16.5): hashes updated, the parts disagree --------------------------------------
+def projector_graph(in_width=128, out_width=128, in_type=TensorProto.FLOAT, out_type=TensorProto.FLOAT):
+    """image_features [k, in_width] -> projected_features [k, out_width] of the given element types."""
+    x = helper.make_tensor_value_info("image_features", in_type, ["k", in_width])
+    y = helper.make_tensor_value_info("projected_features", out_type, ["k", out_width])
+    w = numpy_helper.from_array(np.zeros((in_width, out_width), np.float32), "w")
+    nodes = [helper.make_node("Cast", ["image_features"], ["xf"], to=TensorProto.FLOAT)]
+    nodes.append(helper.make_node("MatMul", ["xf", "w"], ["yf"]))
+    nodes.append(helper.make_node("Cast", ["yf"], ["projected_features"], to=out_type))
+    return tiny_graph([x], [y], nodes, [w])
+
+
+def swap_projector(bundle: Path, model: onnx.ModelProto) -> None:
+    (bundle / "projector.onnx").write_bytes(model.SerializeToString())
+    write_manifest(bundle, rehash(bundle, manifest_of(bundle)))
+
+
+@pytest.mark.parametrize(
+    "model, fragments",
+    [
+        (lambda: projector_graph(out_width=96), ["projector.onnx output 'projected_features'", "96", "text.hidden_size", "128"]),
+        (lambda: projector_graph(out_width=4096), ["projector.onnx output 'projected_features'", "4096", "text.hidden_size"]),
+        (lambda: projector_graph(in_width=64), ["projector.onnx input 'image_features'", "64", "vision.hidden_size", "128"]),
+        (lambda: projector_graph(in_type=TensorProto.INT64), ["projector.onnx input 'image_features'", "tensor(int64)", "tensor(float)"]),
+        (lambda: projector_graph(in_type=TensorProto.BFLOAT16), ["projector.onnx input 'image_features'", "tensor(bfloat16)"]),
+        (lambda: projector_graph(out_type=TensorProto.DOUBLE), ["projector.onnx output 'projected_features'", "tensor(double)"]),
+        (lambda: projector_graph(out_type=TensorProto.INT32), ["projector.onnx output 'projected_features'", "tensor(int32)"]),
+    ],
+    ids=["narrower-output", "wider-output", "narrower-input", "int-input", "bfloat16-input", "double-output", "int-output"],
+)  # fmt: skip
+def test_a_projector_that_disagrees_with_the_manifest_is_refused_naming_both(bundle, model, fragments):
+    swap_projector(bundle, model())
+    refused(bundle, *fragments)
+
+
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        # manifest numbers against the graphs
+        (lambda d: d["text"].update(num_kv_heads=4), ["decoder.onnx input 'past_key_values.0.key'", "text.num_kv_heads is 4"]),
+        (lambda d: d["text"].update(head_dim=16), ["decoder.onnx input 'past_key_values.0.key'", "text.head_dim is 16"]),
+        (lambda d: d["text"].update(hidden_size=256), ["projector.onnx output 'projected_features'", "text.hidden_size (the decoder's width) is 256"]),
+        (lambda d: d["vision"].update(hidden_size=64), ["vision.onnx output 'image_features'", "vision.hidden_size is 64"]),
+        (lambda d: d["vision"].update(patch_size=12, tokens_per_image=784),
+         ["vision.onnx output 'image_features'", "576", "vision.tokens_per_image is 784"]),
+        (lambda d: (d["vision"].update(image_size=448, tokens_per_image=1024),
+                    d["image_processor"].update(crop_size=448, shortest_edge=448, grid_pinpoints=[[448, 896]])),
+         ["vision.onnx input 'pixel_values'", "336", "vision.image_size is 448"]),
+        # manifest numbers against each other
+        (lambda d: d["vision"].update(patch_size=13), ["vision.image_size 336 is not a multiple of vision.patch_size 13"]),
+        (lambda d: d["vision"].update(patch_size=16), ["vision.tokens_per_image 576", "(vision.image_size 336 / vision.patch_size 16)"]),
+        (lambda d: d["vision"].update(patch_size=400), ["vision.patch_size = 400", "at most vision.image_size"]),
+        (lambda d: d["vision"].update(tokens_per_image=575), ["vision.tokens_per_image 575", "= 576"]),
+        (lambda d: d["vision"].update(heads=5), ["vision.hidden_size 128 is not a multiple of vision.heads 5"]),
+        (lambda d: d["image_processor"].update(crop_size=168, grid_pinpoints=[[336, 672]]),
+         ["image_processor.crop_size 168 is not vision.image_size 336"]),
+        (lambda d: d["tokens"].update(bos=32064), ["tokens.bos = 32064", "text.vocab_size is 32064"]),
+        (lambda d: d["tokens"].update(eos=-3), ["tokens.eos = -3"]),
+        (lambda d: d["tokens"].update(image=70000), ["tokens.image = 70000"]),
+        (lambda d: d["tokens"].update(pad=-1), ["tokens.pad = -1"]),
+    ],
+    ids=["kv-heads", "head-dim", "text-width", "vision-width", "tokens-per-image-vs-graph", "image-size-vs-graph",
+         "patch-does-not-divide", "tokens-per-image-vs-patch", "patch-larger-than-image", "tokens-per-image-off-by-one",
+         "heads-do-not-divide", "crop-size-vs-image-size", "bos-past-vocab", "negative-eos", "image-id-past-vocab",
+         "negative-pad"],
+)  # fmt: skip
+def test_manifest_numbers_that_disagree_with_the_graphs_or_each_other_are_refused(bundle, edit, fragments):
+    data = manifest_of(bundle)
+    edit(data)
+    write_manifest(bundle, data)
+    refused(bundle, *fragments)
+
+
+def test_a_decoder_vocabulary_larger_than_the_embedding_table_is_refused(bundle):
+    # The table shrunk to 32050 rows and the manifest to match: the decoder still scores 32064 tokens.
+    table = np.load(bundle / "embed_tokens.npy")
+    np.save(bundle / "embed_tokens.npy", table[:32050])
+    data = manifest_of(bundle)
+    data["text"]["vocab_size"] = 32050
+    write_manifest(bundle, rehash(bundle, data))
+    refused(bundle, "decoder.onnx output 'logits'", "32064", "text.vocab_size (the embedding table's rows) is 32050")
+
+
+@pytest.mark.parametrize(
+    "name, make, fragments",
+    [
+        ("embed_tokens", lambda a: a.astype(np.int32), ["embed_tokens.npy holds int32", "float32 or float16"]),
+        ("embed_tokens", lambda a: a.astype(np.float64), ["embed_tokens.npy holds float64"]),
+        ("embed_tokens", lambda a: a.T.copy(), ["embed_tokens.npy has shape (128, 32064)"]),
+        ("embed_tokens", lambda a: a[:, :64].copy(), ["embed_tokens.npy has shape (32064, 64)"]),
+        ("image_newline", lambda a: a.astype(np.complex64), ["image_newline.npy holds complex64"]),
+        ("image_newline", lambda a: (a > 0), ["image_newline.npy holds bool"]),
+        ("image_newline", lambda a: a[None], ["image_newline.npy has shape (1, 128)"]),
+    ],
+    ids=["int-table", "float64-table", "transposed-table", "narrow-table", "complex-newline", "bool-newline",
+         "2d-newline"],
+)  # fmt: skip
+def test_arrays_of_the_wrong_dtype_or_shape_are_refused_naming_them(bundle, name, make, fragments):
+    data = manifest_of(bundle)
+    path = bundle / data["files"][name]
+    np.save(path, make(np.load(path)))
+    write_manifest(bundle, rehash(bundle, data))
+    refused(bundle, *fragments)
+
+
+def test_a_tokenizer_with_ids_past_the_embedding_table_is_refused(bundle):
+    data = manifest_of(bundle)
+    path = bundle / data["files"]["tokenizer"]
+    tok = json.loads(path.read_text())
+    vocab = tok["model"]["vocab"]
+    piece = next(p for p, i in vocab.items() if i == 31_999)
+    vocab[piece] = 40_000  # the same pieces, one renumbered past the embedding table's rows
+    path.write_text(json.dumps(tok))
+    write_manifest(bundle, rehash(bundle, data))
+    refused(bundle, "tokenizer.json has token id 40000", "text.vocab_size (the embedding table's rows) is 32064")
+
+
+# ---- the verified stamp covers manifest.json too ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "edit",
+    [lambda d: d["hired"].update(alpha=0.25), lambda d: d["model"].update(name="renamed"), lambda d: None],
+    ids=["valid-number", "free-text", "reformatted"],
+)
+def test_a_manifest_edited_after_a_verified_load_is_refused_until_the_stamp_is_removed(bundle, edit):
+    Pipeline.load(bundle).close()  # writes .verified.json with the manifest's sha256
+    data = manifest_of(bundle)
+    edit(data)
+    (bundle / "manifest.json").write_text(json.dumps(data, indent=3))  # even a change of layout only is noticed
+    refused(bundle, "manifest.json was changed after the bundle was verified", ".verified.json")
+    (bundle / ".verified.json").unlink()  # what the message offers for an edit on purpose
+    Pipeline.load(bundle).close()
+    Pipeline.load(bundle).close()  # stamped again: the edited manifest is now the verified one
+
+
+def test_a_stamp_from_an_older_runtime_or_a_broken_stamp_only_means_hashing_again(bundle):
+    data = manifest_of(bundle)
+    old = {rel: [1, 2, 3, 4, data["sha256"][name]] for name, rel in data["files"].items()}  # the flat old layout
+    for stamp in (json.dumps(old), "[" * 50_000, "9" * 5000, '{"manifest": 5, "files": []}'):
+        (bundle / ".verified.json").write_text(stamp)
+        Pipeline.load(bundle).close()
+    assert json.loads((bundle / ".verified.json").read_text())["manifest"] == sha256_file(bundle / "manifest.json")
 
 
 # ---- the code never unpickles, evals or trusts remote code --------------------------------------------------

@@ -40,7 +40,11 @@ def make_bundle(root, **override):
                  "max_position_embeddings": 4096},
         "tokens": {"image": 32000, "bos": 1, "eos": 2, "pad": 0},
         "prompt": {"template": "[INST] <image>\n{prompt} [/INST]", "add_bos": True, "image_placeholder": "<image>"},
-        "graphs": {g: {"inputs": {"x": "x"}, "outputs": {"y": "y"}} for g in ("vision", "projector", "decoder")},
+        "graphs": {
+            "vision": {"inputs": {"pixel_values": "px"}, "outputs": {"features": "f", "early_scores": "e", "late_scores": "l"}},
+            "projector": {"inputs": {"features": "f"}, "outputs": {"projected": "p"}},
+            "decoder": {"inputs": {"inputs_embeds": "x", "past_key": "k.{i}", "past_value": "v.{i}"}, "outputs": {"logits": "y"}},
+        },
         "hired": {"rate": 0.2, "alpha": 0.5, "distribution": "spatial", "newlines": "none"},
     }  # fmt: skip
     data.update(override)
@@ -131,3 +135,44 @@ def test_no_bundle_and_bad_json_say_what_to_do(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="is not readable JSON"):
         Manifest.from_file(tmp_path)
+
+
+def test_numbers_are_range_checked_naming_the_key(tmp_path):
+    data = make_bundle(tmp_path)
+    for section, key, value, message in [
+        ("hired", "rate", float("nan"), "hired.rate = nan"),
+        ("hired", "rate", 10**400, "hired.rate = an integer of about 401 digits is too large for a number"),
+        ("vision", "heads", 0, "vision.heads = 0 is outside"),
+        ("text", "vocab_size", 31000, "tokens.image = 32000 is outside \\[0, 30999\\]"),
+        ("vision", "patch_size", 15, "vision.image_size 336 is not a multiple of vision.patch_size 15"),
+    ]:
+        broken = json.loads(json.dumps(data))
+        broken[section][key] = value
+        with pytest.raises(BundleError, match=message):
+            Manifest.from_dict(broken)  # a Python dict: no JSON parser in between
+
+
+def test_a_dict_nested_too_deep_is_refused_by_from_dict_too(tmp_path):
+    data = make_bundle(tmp_path)
+    deep: dict = {}
+    node = deep
+    for _ in range(200):
+        node["x"] = {}
+        node = node["x"]
+    data["export_info"] = {"deep": deep}
+    with pytest.raises(BundleError, match="nests more than 32 levels deep at export_info.deep.x.x"):
+        Manifest.from_dict(data)
+
+
+def test_the_verified_stamp_holds_the_manifest_hash_and_keeps_it_when_verified_without_it(tmp_path):
+    make_bundle(tmp_path)
+    m = Manifest.from_file(tmp_path)
+    stamp = json.loads((tmp_path / ".verified.json").read_text())
+    assert stamp["manifest"] == sha256_file(tmp_path / "manifest.json")
+    assert set(stamp["files"]) == set(FILES.values())
+    m.verify_files()  # no manifest hash given: the stamp keeps the one it has
+    assert json.loads((tmp_path / ".verified.json").read_text())["manifest"] == stamp["manifest"]
+    (tmp_path / "manifest.json").write_text((tmp_path / "manifest.json").read_text() + "\n")
+    with pytest.raises(BundleError, match="manifest.json was changed after the bundle was verified"):
+        Manifest.from_file(tmp_path)
+    Manifest.from_file(tmp_path, verify=False)  # keys and types only: no stamp involved
