@@ -36,6 +36,44 @@ _NP_TYPES = {
     "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_,
 }
+_KINDS = {  # what the runtime feeds or reads, by kind of tensor
+    "float": ("tensor(float)", "tensor(float16)"),
+    "int": ("tensor(int64)", "tensor(int32)"),
+}
+
+
+def _expected_io(manifest: Manifest, graph: str) -> dict[tuple[str, str], tuple[str, int | None, dict]]:
+    """(direction, logical name) -> (kind, rank or None, {axis: (size, the manifest number it is)}) for `graph`.
+
+    Only what any graph of its kind must satisfy: dynamic axes (crops, kept tokens, batch, sequence, cache
+    length) are not pinned, and the decoder is checked by its widths, vocabulary and KV heads only."""
+    v, t = manifest.vision, manifest.text
+    tokens = (v.tokens_per_image, "vision.tokens_per_image")
+    kv = {1: (t.num_kv_heads, "text.num_kv_heads"), 3: (t.head_dim, "text.head_dim")}
+    table = {
+        "vision": {
+            ("input", "pixel_values"): ("float", 4, {1: (3, "RGB channel count"), 2: (v.image_size, "vision.image_size"),
+                                                     3: (v.image_size, "vision.image_size")}),
+            ("output", "features"): ("float", 3, {1: tokens, 2: (v.hidden_size, "vision.hidden_size")}),
+            ("output", "early_scores"): ("float", 2, {1: tokens}),
+            ("output", "late_scores"): ("float", 2, {1: tokens}),
+        },
+        "projector": {
+            ("input", "features"): ("float", 2, {1: (v.hidden_size, "vision.hidden_size (the vision features' width)")}),
+            ("output", "projected"): ("float", 2, {1: (t.hidden_size, "text.hidden_size (the decoder's width)")}),
+        },
+        "decoder": {
+            ("input", "inputs_embeds"): ("float", 3, {2: (t.hidden_size, "text.hidden_size")}),
+            ("input", "attention_mask"): ("int", None, {}),
+            ("input", "position_ids"): ("int", None, {}),
+            ("input", "past_key"): ("float", 4, kv),
+            ("input", "past_value"): ("float", 4, kv),
+            ("output", "logits"): ("float", None, {-1: (t.vocab_size, "text.vocab_size (the embedding table's rows)")}),
+            ("output", "present_key"): ("float", 4, kv),
+            ("output", "present_value"): ("float", 4, kv),
+        },
+    }  # fmt: skip
+    return table.get(graph, {})
 
 
 def provider_chain(provider: str, cache_dir: str | os.PathLike | None = None) -> tuple[list, list[str]]:
@@ -115,27 +153,50 @@ class OrtSession:
         return s
 
     def _check_graph(self, manifest: Manifest) -> None:
+        """Every tensor the manifest names exists, with the element type the runtime feeds or reads and, where
+        the graph fixes them, the sizes the manifest's numbers imply (e.g. the projector's output width is
+        text.hidden_size, the decoder's). Records each input's numpy dtype and rank for `run`."""
         have_in = {i.name: i for i in self.session.get_inputs()}
-        have_out = {o.name for o in self.session.get_outputs()}
+        have_out = {o.name: o for o in self.session.get_outputs()}
         fname = manifest.files[self.name]
         n_layers = manifest.text.num_layers
-        for logical, tensor in self.inputs.items():
-            names = [tensor.format(i=i) for i in range(n_layers)] if "{i}" in tensor else [tensor]
-            for t in names:
-                if t not in have_in:
-                    raise BundleError(
-                        f"{fname} has no input {t!r} (the manifest's {self.name}.{logical}); "
-                        f"its inputs are {', '.join(sorted(have_in))}; re-export the bundle"
-                    )
-                self.input_types[t] = _NP_TYPES.get(have_in[t].type, np.float32)
-                self.input_ranks[t] = len(have_in[t].shape)
-        for logical, tensor in self.outputs.items():
-            names = [tensor.format(i=i) for i in range(n_layers)] if "{i}" in tensor else [tensor]
-            for t in names:
-                if t not in have_out:
-                    raise BundleError(
-                        f"{fname} has no output {t!r} (the manifest's {self.name}.{logical}); re-export the bundle"
-                    )
+        expected = _expected_io(manifest, self.name)
+        for direction, table, have in (("input", self.inputs, have_in), ("output", self.outputs, have_out)):
+            for logical, tensor in table.items():
+                names = [tensor.format(i=i) for i in range(n_layers)] if "{i}" in tensor else [tensor]
+                for t in names:
+                    if t not in have:
+                        listing = f"; its inputs are {', '.join(sorted(have_in))}" if direction == "input" else ""
+                        raise BundleError(
+                            f"{fname} has no {direction} {t!r} (the manifest's {self.name}.{logical}){listing}; "
+                            "re-export the bundle"
+                        )
+                    arg = have[t]
+                    what = f"{fname} {direction} {t!r} ({self.name}.{logical})"
+                    kind, rank, sizes = expected.get((direction, logical), (None, None, {}))
+                    allowed = _KINDS.get(kind, tuple(_NP_TYPES))
+                    if arg.type not in allowed:
+                        raise BundleError(
+                            f"{what} is {arg.type}, the runtime {'feeds' if direction == 'input' else 'reads'} "
+                            f"{' or '.join(allowed)} there; re-export the bundle"
+                        )
+                    shape = list(arg.shape) if arg.shape is not None else None
+                    if shape is not None and rank is not None and len(shape) != rank:
+                        raise BundleError(
+                            f"{what} has rank {len(shape)} {shape}, the runtime needs rank {rank}; re-export the bundle"
+                        )
+                    for axis, (size, meaning) in sizes.items():
+                        if shape is None or not -len(shape) <= axis < len(shape):
+                            continue
+                        got = shape[axis]
+                        if isinstance(got, int) and got >= 0 and got != size:
+                            raise BundleError(
+                                f"{what} has {got} at axis {axis % len(shape)} of {shape}, but the manifest's "
+                                f"{meaning} is {size}; the graph and the manifest disagree: re-export the bundle"
+                            )
+                    if direction == "input":
+                        self.input_types[t] = _NP_TYPES[arg.type]
+                        self.input_ranks[t] = len(shape) if shape is not None else 0
 
     def dtype(self, tensor: str) -> type:
         return self.input_types[tensor]
