@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from runtime.errors import HiredError, PromptError
 from runtime.manifest import Manifest
 from runtime.options import RequestOptions
-from runtime.pipeline import GenerationResult, TextStream
+from runtime.pipeline import GenerationResult
 from runtime.prompt import Chat, PromptEncoder
 
 # Options passed to Pipeline.stream / RemotePipeline.generate (the keyword set both take)
@@ -48,7 +49,7 @@ class LocalBackend:
 
         return cls(Pipeline.load(artifacts, provider=provider, threads=threads))
 
-    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions) -> TextStream:
+    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions):
         # one image + one user message: exactly Pipeline.generate(image, text), streamed
         return self.pipeline.stream(image, prompt, **_keywords(options))
 
@@ -72,7 +73,7 @@ class RemoteBackend:
         self.remote = RemotePipeline(address, timeout_s=timeout_s)
         self.address = self.remote.address
 
-    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions) -> TextStream:
+    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions):
         if image is None or isinstance(prompt, Chat):
             raise PromptError(
                 f"the gateway to {self.address} takes one image and one user message (no system message, earlier "
@@ -85,7 +86,7 @@ class RemoteBackend:
                 yield result.text
             return result
 
-        return TextStream(one_chunk())
+        return one_chunk()
 
     def close(self) -> None:
         self.remote.close()
@@ -97,7 +98,7 @@ class Job:
     def __init__(self, backend, image: bytes | None, prompt: str | Chat, options: RequestOptions,
                  stop: tuple[str, ...] = ()):  # fmt: skip
         self.backend, self.image, self.prompt, self.options, self.stop = backend, image, prompt, options, stop
-        self.stream: TextStream | None = None
+        self.stream: Iterator[str] | None = None  # a Pipeline TextStream (or any iterator returning the result)
         self.result: GenerationResult | None = None
         self.text = ""  # what the client has been sent (or will get), stop strings cut off
         self.finish_reason: str | None = None

@@ -62,12 +62,15 @@ class ImagePolicy:
             raise bad_request("a data URL must look like data:image/png;base64,<base64 bytes>", param=param)
         if media and not media.lower().startswith("image/") and media.lower() != "application/octet-stream":
             raise bad_request(f"the data URL's media type is {media!r}; send an image/* one", param=param)
-        if len(payload) * 3 // 4 > self.max_bytes:
-            raise self._too_big(len(payload) * 3 // 4, param)
+        if len(payload) > 4 * (self.max_bytes // 3 + 2):  # surely over: do not decode it
+            raise self._too_big(f"about {len(payload) * 3 // 4}", param)
         try:
-            return base64.b64decode(payload.strip(), validate=True)
+            data = base64.b64decode(payload.strip(), validate=True)
         except (binascii.Error, ValueError):
             raise bad_request("the data URL's payload is not valid base64", param=param) from None
+        if len(data) > self.max_bytes:
+            raise self._too_big(len(data), param)
+        return data
 
     def _file(self, url: str, param: str) -> bytes:
         if self.allow_files is None:

@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
 )
 
+from hired import HiredConfig
 from runtime.errors import HiredError
 from runtime.options import RequestOptions, SamplingConfig
 from runtime.prompt import Chat
@@ -271,15 +272,20 @@ def options_of(req: ChatRequest) -> RequestOptions:
     }
     sampling = {k: v for k, v in given.items() if v is not None}
     try:
-        return RequestOptions.from_kwargs(**hired, **sampling)
+        options = RequestOptions.from_kwargs(**hired, **sampling)
+        options.hired_config(HiredConfig())  # the ranges of the values given (the bundle fills the others later)
+        return options
     except HiredError as e:
-        raise bad_request(str(e), param=_param_of(str(e), hired)) from None
+        message = str(e)
+        if message.startswith("max_new_tokens") and max_tokens is not None:  # the name this client sent
+            message = ("max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens") + message[14:]
+        raise bad_request(message, param=_param_of(str(e), hired)) from None
 
 
 def _param_of(message: str, hired: dict) -> str | None:
     names = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
     for key in hired:
-        if message.startswith(key):
+        if message.startswith(key) or (key == "budget" and message.startswith("rate")):  # HiredConfig says rate
             return f"hired.{key}"
     for key, field in names.items():
         if message.startswith(key):
