@@ -15,7 +15,7 @@ ifeq ($(RANDOM_WEIGHTS),1)
 EXPORT_FLAGS += --random-weights
 endif
 
-.PHONY: install demo test test-fast lint export bench soak eval serve triton-repo serve-bench clean
+.PHONY: install demo test test-fast lint export bench soak eval serve triton-repo serve-bench openai clean
 
 install: $(STAMP)
 
@@ -77,6 +77,12 @@ triton-repo: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/
 
 serve-bench: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
 	$(PYTHON) -m bench.serve_bench --artifacts $(ARTIFACTS)
+
+# The OpenAI-compatible API (main environment): `make openai [PORT=8080] [OPENAI_FLAGS="--api-key K"]`.
+PORT ?= 8080
+OPENAI_FLAGS ?=
+openai: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
+	$(PYTHON) -m serving.openai --artifacts $(ARTIFACTS) --port $(PORT) $(OPENAI_FLAGS)
 
 clean:
 	rm -rf checkpoints artifacts bench-results out triton-repo .pytest_cache .hypothesis
