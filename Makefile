@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml constraints.txt
 checkpoints/tiny/config.json: | $(STAMP)
 	$(PYTHON) -m models.build tiny --out checkpoints/tiny --force
 
-# `make export MODEL=llava-next-7b [RANDOM_WEIGHTS=1]`; MODEL=tiny builds checkpoints/tiny first.
+# `make export MODEL=llava-next-7b [RANDOM_WEIGHTS=1] [EXPORT_FLAGS="--dtype fp16 --opset 18"]`; MODEL=tiny builds
+# checkpoints/tiny first. python -m export chooses the in-memory or the streaming route itself and prints which.
 export: $(STAMP) $(if $(filter tiny,$(MODEL)),checkpoints/tiny/config.json)
 	$(PYTHON) -m export --model $(if $(filter tiny,$(MODEL)),checkpoints/tiny,$(MODEL)) --out $(OUT) --force --verify $(EXPORT_FLAGS)
 

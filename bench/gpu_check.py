@@ -36,9 +36,6 @@ import numpy as np
 from hired import AnyresLayout, HiredConfig, plan_budget
 from models import registry
 
-# CLIP ViT-L/14-336 preprocessing numbers, as in the llava-hf preprocessor_config.json files.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 RESAMPLE_BICUBIC = 3
 DEFAULT_PROMPT = "Describe this picture in detail: the objects, their colours and where they are."
 SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -72,8 +69,8 @@ def image_processor_for(config: dict):
     side = int(config["vision_config"]["image_size"])
     return LlavaNextImageProcessorPil(
         size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-        image_grid_pinpoints=[list(p) for p in config["image_grid_pinpoints"]], image_mean=CLIP_MEAN,
-        image_std=CLIP_STD, resample=RESAMPLE_BICUBIC, do_resize=True, do_center_crop=True, do_rescale=True,
+        image_grid_pinpoints=[list(p) for p in config["image_grid_pinpoints"]], image_mean=list(registry.CLIP_MEAN),
+        image_std=list(registry.CLIP_STD), resample=RESAMPLE_BICUBIC, do_resize=True, do_center_crop=True, do_rescale=True,
         rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True, do_pad=True,
     )  # fmt: skip
 

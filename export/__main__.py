@@ -1,11 +1,16 @@
 """CLI: checkpoint -> verified ONNX artifact bundle.
 
     python -m export --model checkpoints/tiny --out artifacts/tiny --force --verify
-    python -m export --model llava-next-7b --out artifacts/llava-next-7b --dtype fp16 --random-weights
+    python -m export --model llava-next-7b --out artifacts/llava-next-7b-random --random-weights
+
+The route is chosen here: a model that fits in RAM is loaded and exported as it is (fp32 unless --dtype);
+a --random-weights model too large for this machine is built on the meta device and its seeded weights are
+streamed to disk (fp16 unless --dtype; --verify then runs structural checks). The first line says which.
 
 Bad input (unknown model, folder that is not LLaVA-NeXT, missing tokenizer, --out in the way or not
-writable, checkpoint not on disk) prints one line to stderr and exits with 2, writing nothing;
-a failed --verify exits with 1. Progress goes to stderr, one line per stage with sizes and times.
+writable, --out holding the checkpoint or files that are not a bundle) prints one line to stderr and exits
+with 2, writing nothing; a failed --verify exits with 1; Ctrl-C or SIGTERM exits with 130 and says what is
+on disk. Progress goes to stderr, one line per stage with sizes and times.
 """
 
 from __future__ import annotations
@@ -15,14 +20,23 @@ import signal
 import sys
 import threading
 
-from export.errors import ExportError, VerificationError
-from export.pipeline import DEFAULT_OPSET, MIN_ONNXRUNTIME, OPSETS, export_model
+from export.defaults import (
+    BUNDLE_DTYPES,
+    DEFAULT_MEMORY_LIMIT_GIB,
+    DEFAULT_OPSET,
+    DEFAULT_SEED,
+    MIN_ONNXRUNTIME,
+    OPSETS,
+    ROUTE_DTYPES,
+)
+from export.errors import ExportError, ExportInterrupted, VerificationError
 
 EPILOG = (
     f"onnxruntime needed to run the bundle: opset 23 (the default; ONNX Attention, RotaryEmbedding and "
     f"RMSNormalization ops, about 2.5x faster prefill on CPU) needs onnxruntime >= {MIN_ONNXRUNTIME[23]}; "
     f"opset 18 runs on onnxruntime >= {MIN_ONNXRUNTIME[18]}. Exit codes: 0 done, 1 verification failed, "
-    "2 bad input (nothing written)."
+    "2 bad input (nothing written), 3 the streaming route passed --memory-limit-gib (nothing written), "
+    "130 interrupted (the message says what is on disk)."
 )
 
 
@@ -50,9 +64,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=("fp32", "fp16"),
-        default="fp32",
-        help="weight and activation dtype of the graphs (default fp32); attention scores and logits stay float32",
+        choices=BUNDLE_DTYPES,
+        default=None,
+        help=f"weight and activation dtype of the graphs (default {ROUTE_DTYPES['in-memory']}; "
+        f"{ROUTE_DTYPES['streaming']} for a --random-weights model too large for this machine's RAM, which is "
+        "built on the meta device and its weights streamed to disk); attention scores and logits stay float32",
     )
     p.add_argument(
         "--opset",
@@ -79,8 +95,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size", type=int, default=32, metavar="N", help="--quant values per scale, a power of 2 >= 16 (default 32)"
     )
-    p.add_argument("--force", action="store_true", help="replace an existing --out (atomically, old bundle last)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out that is a bundle this tool wrote (atomically, old bundle last); "
+        "a folder holding anything else, or the --model checkpoint, is never replaced",
+    )
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of --random-weights (default {DEFAULT_SEED})")
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=DEFAULT_MEMORY_LIMIT_GIB,
+        metavar="GIB",
+        help=f"the streaming route stops (exit 3, nothing written) when resident memory passes this "
+        f"(default {DEFAULT_MEMORY_LIMIT_GIB:g})",
+    )
     return p
 
 
@@ -90,6 +119,8 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from export.pipeline import export_model  # after parsing: --help stays light
+
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
@@ -102,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
             verify=args.verify,
             force=args.force,
             seed=args.seed,
+            memory_limit_gib=args.memory_limit_gib,
             quant=args.quant,
             block_size=args.block_size,
         )
     except (ExportError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except ExportInterrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # before export_model could say more
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
     return 0

@@ -1,30 +1,28 @@
-"""The artifact bundle on disk: staging folder, non-graph files, manifest numbers, atomic replace.
+"""The artifact bundle's files beside the graphs, and the manifest's numbers.
 
-    with Staging(out, force=True) as stage:                      # a temp folder beside `out`
-        ... write graphs into stage.path ...
-        write_arrays(model, stage.path, "fp32")                  # embed_tokens.npy, image_newline.npy
-        write_tokenizer(tokenizer, checkpoint, stage.path)       # tokenizer.json
-        write_manifest(stage.path, ...)                          # manifest.json with every file's sha256
-        stage.commit()                                           # old bundle renamed away, new moved in, old deleted
+    write_arrays(model, folder, "fp32")                  # embed_tokens.npy, image_newline.npy
+    write_tokenizer(tokenizer, checkpoint, folder)       # tokenizer.json
+    write_manifest(folder, build_manifest(...))          # manifest.json with every file's sha256
 
-Anything that leaves the `with` block without `commit()` deletes the staging folder, so an interrupted or
-failed export leaves the previous bundle (or none) and never a half-written one. The numbers functions
-(`image_processor_spec`, `vision_spec`, `text_spec`, `token_ids`) take a `LlavaNextConfig` and work for any
-model size, so a large-model path (export/large.py) can reuse them with its own graph writers.
+The numbers functions (`image_processor_spec`, `vision_spec`, `text_spec`, `token_ids`) take a `LlavaNextConfig`
+and work for any model size, so both routes (export.pipeline in memory, export.stream from the meta device)
+use them. Where the files are written safely: export.staging.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.defaults import BUNDLE_DTYPES, EXPORTER, min_onnxruntime
 from export.errors import ExportError
 from export.spec import (
     DATA_SUFFIX,
@@ -42,6 +40,13 @@ from export.spec import (
     text_shape,
     vision_layers,
 )
+from models.registry import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_PLACEHOLDER,
+    TOKENIZER_CHECKPOINT,
+    TOKENIZER_OFFLINE_MISTRAL,
+)
 from runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -57,107 +62,16 @@ from runtime.manifest import (
     sha256_file,
 )
 
-DTYPES = ("fp32", "fp16")
-IMAGE_PLACEHOLDER = "<image>"
 HIRED_DEFAULTS = HiredDefaults(rate=0.2, alpha=0.5, distribution="spatial", newlines="none")
 # PIL resample codes as stored in llava-hf preprocessor configs.
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-# CLIP ViT-L/14-336 preprocessing, used when a random-weight model has no processor config on disk.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def numpy_dtype(dtype: str) -> type:
     """'fp32' -> np.float32, 'fp16' -> np.float16."""
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in BUNDLE_DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(BUNDLE_DTYPES)}, got {dtype!r}")
     return np.float16 if dtype == "fp16" else np.float32
-
-
-# ---------------------------------------------------------------------------------------------- staging
-class Staging:
-    """A temp folder beside `out` that becomes `out` on `commit()` and is deleted otherwise.
-
-    Refuses (ExportError) an existing `out` without `force`, an `out` that is a file, and a parent folder
-    that cannot be written, all before any work is done.
-    """
-
-    def __init__(self, out: str | os.PathLike, *, force: bool):
-        self.out = Path(out)
-        recover_interrupted(self.out)
-        check_out(self.out, force=force)
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.export-", dir=self.out.parent))
-        except OSError as e:
-            raise ExportError(f"cannot write to {self.out.parent} ({e.strerror or e}); choose a writable --out") from None
-        _make_world_readable(self.path)
-        self.done = False
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.done:
-            self.discard()
-
-    def commit(self) -> Path:
-        """Move the staged bundle to `out`: rename an old bundle away, move the new one in, delete the old."""
-        replace_folder(self.path, self.out)
-        self.done = True
-        return self.out
-
-    def keep_as(self, target: Path) -> Path:
-        """Move the staged folder to `target` (replacing it) instead of `out`, e.g. for a bundle that failed checks."""
-        replace_folder(self.path, target)
-        self.done = True
-        return target
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.done = True
-
-
-def check_out(out: Path, *, force: bool) -> None:
-    """Raise ExportError if `out` may not be (re)placed: it is a file, or a non-empty folder without `force`."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ExportError(f"--out {out} exists and is not a folder; remove it or choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out} already exists; pass --force to replace it")
-
-
-def recover_interrupted(out: Path) -> None:
-    """Undo what a killed export (SIGKILL, power loss) left beside `out`.
-
-    An old bundle caught between replace_folder's two renames is put back; stale staging folders are deleted.
-    (Two exports into the same --out at once are not supported.)
-    """
-    if not out.parent.is_dir():
-        return
-    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if not out.exists() and (old / out.name).is_dir():
-            os.replace(old / out.name, out)
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in out.parent.glob(f".{out.name}.export-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def replace_folder(new: Path, out: Path) -> None:
-    """Make folder `new` be `out`. An existing `out` is renamed away first and deleted only after the move."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
-
-
-def _make_world_readable(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; give it the mode a plain mkdir would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -357,10 +271,10 @@ def token_ids(config, tokenizer_json: Path) -> TokenIds:
 
 def describe_tokenizer(kind: str) -> str:
     """manifest.model.tokenizer: "checkpoint", or what stands in for the checkpoint's tokenizer."""
-    if kind == "checkpoint":
-        return "checkpoint"
-    if kind == "offline-mistral-sp":
-        return "offline-mistral-sp (stand-in: mistral-common's Mistral sentencepiece + <image>, not the checkpoint's)"
+    if kind == TOKENIZER_CHECKPOINT:
+        return TOKENIZER_CHECKPOINT
+    if kind == TOKENIZER_OFFLINE_MISTRAL:
+        return f"{kind} (stand-in: mistral-common's Mistral sentencepiece + <image>, not the checkpoint's)"
     return kind
 
 
@@ -393,6 +307,29 @@ def build_manifest(
     )
 
 
+def export_info(opset: int, seconds: dict[str, float]) -> dict[str, Any]:
+    """Provenance for the manifest: versions, opset, exporter, minimum onnxruntime, stage times."""
+    import onnx
+    import onnxscript
+    import torch
+    import transformers
+
+    return {
+        "exporter": EXPORTER,
+        "opset": opset,
+        "min_onnxruntime": min_onnxruntime(opset),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__,
+            "python": platform.python_version(),
+        },
+        "seconds": seconds,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
     """manifest.json in `folder`, then read back through Manifest.from_file (keys, types, hashes)."""
     path = folder / MANIFEST_NAME
@@ -413,5 +350,3 @@ def human_size(n: int) -> str:
 def folder_bytes(folder: Path, names: Mapping[str, str]) -> int:
     return sum((folder / f).stat().st_size for f in names.values() if (folder / f).is_file())
 
-
-Log = Callable[[str], None]

@@ -2,6 +2,7 @@
 
 `ExportError` (exit code 2): bad input (unknown model, not LLaVA-NeXT, missing tokenizer, --out in the way).
 `VerificationError` (exit code 1): the exported graphs disagree with PyTorch past tolerance.
+`ExportInterrupted` (exit code 130, a KeyboardInterrupt): stopped by Ctrl-C or SIGTERM; says what is on disk.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ class VerificationError(Exception):
     """An exported graph's outputs differ from PyTorch's beyond the tolerance."""
 
     exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class ExportInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the export; the message says what is on disk now (exit code 130)."""
+
+    exit_code = 130
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))

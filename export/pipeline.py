@@ -4,29 +4,27 @@
     export_model("checkpoints/tiny", "artifacts/tiny", force=True, verify=True)   # what the CLI runs
     export_bundle(model, tokenizer, meta, folder, dtype="fp32", opset=23)        # a loaded model -> files
 
-`export_model` resolves and loads the model (models.load), stages the bundle in a temp folder beside `out`,
-writes vision/projector/decoder graphs, the embedding table, the newline vector, tokenizer.json and
-manifest.json, optionally verifies it against PyTorch, and only then moves it into place. A bundle that
-fails verification is kept beside `out` as `<out>.unverified` for inspection; `out` is left untouched.
+`export_model` chooses the route: in memory, or streaming (export.stream) for random-weight models too large
+for this machine's RAM. In memory it resolves and loads the model (models.load), stages the bundle in a temp
+folder beside `out` (export.staging), writes vision/projector/decoder graphs, the embedding table, the newline
+vector, tokenizer.json and manifest.json, optionally verifies it against PyTorch, and only then moves it into
+place. A bundle that fails verification is kept beside `out` as `<out>.unverified` for inspection; `out` is left
+untouched. Library warnings nobody can act on are filtered for the export's duration (export.quiet).
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from export.bundle import (
-    DTYPES,
-    Staging,
     build_manifest,
-    check_out,
     describe_tokenizer,
+    export_info,
     file_table,
     folder_bytes,
     human_size,
@@ -35,19 +33,21 @@ from export.bundle import (
     write_manifest,
     write_tokenizer,
 )
-from export.errors import ExportError, VerificationError
+from export.defaults import (
+    BUNDLE_DTYPES,
+    DEFAULT_MEMORY_LIMIT_GIB,
+    DEFAULT_OPSET,
+    DEFAULT_SEED,
+    OPSETS,
+    default_dtype,
+)
+from export.errors import ExportError, ExportInterrupted, VerificationError
+from export.quiet import quiet_export
 from export.spec import GRAPH_FILES, vision_layers
+from export.staging import Staging, check_out
 from runtime.manifest import Manifest, ModelInfo
 
-DEFAULT_OPSET = 23
-OPSETS = (18, 19, 20, 21, 22, 23)  # the dynamo exporter starts at 18
-# Oldest onnxruntime able to run each opset's graphs. 23: the ONNX Attention-23 CPU kernel arrived in
-# onnxruntime 1.23 (microsoft/onnxruntime#25156; RotaryEmbedding/RMSNormalization-23 came with 1.22);
-# CUDA kernels for Attention-23 came later (microsoft/onnxruntime#27542, 2026). 18: onnxruntime 1.14.
-# Opsets 19-22 are allowed but untested here; look them up in the compatibility table.
-MIN_ONNXRUNTIME = {18: "1.14", 23: "1.23"}
-COMPAT_TABLE = "https://onnxruntime.ai/docs/reference/compatibility.html"
-EXPORTER = "torch.onnx.export(dynamo=True)"
+QUANTS = ("none", "int8", "int4")
 
 
 def stderr_log(msg: str) -> None:
@@ -61,7 +61,7 @@ class BundleMeta:
     name: str
     source: str
     random_weights: bool
-    tokenizer_kind: str  # "checkpoint" | "offline-mistral-sp" | ...
+    tokenizer_kind: str  # one of models.registry.TOKENIZER_KINDS
     prompt_template: str
     add_bos: bool
     checkpoint: Path | None  # folder with the processor config / tokenizer.json, if any
@@ -83,8 +83,8 @@ def export_bundle(
     from export.projector import export_projector
     from export.vision import export_vision
 
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in BUNDLE_DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(BUNDLE_DTYPES)}, got {dtype!r}")
     if opset not in OPSETS:
         raise ExportError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {opset}")
     try:
@@ -137,29 +137,6 @@ def export_bundle(
     write_manifest(folder, manifest)
     log(f"manifest.json: {len(files)} files, {human_size(folder_bytes(folder, files))} in all")
     return Manifest.from_file(folder, verify=False)
-
-
-def export_info(opset: int, seconds: dict[str, float]) -> dict[str, Any]:
-    """Provenance for the manifest: versions, opset, exporter, minimum onnxruntime, stage times."""
-    import onnx
-    import onnxscript
-    import torch
-    import transformers
-
-    return {
-        "exporter": EXPORTER,
-        "opset": opset,
-        "min_onnxruntime": MIN_ONNXRUNTIME.get(opset, f"see {COMPAT_TABLE}"),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "onnx": onnx.__version__,
-            "onnxscript": onnxscript.__version__,
-            "python": platform.python_version(),
-        },
-        "seconds": seconds,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 def check_model_arg(model: str | os.PathLike) -> None:
@@ -240,66 +217,145 @@ def export_model(
     out: str | os.PathLike,
     *,
     random_weights: bool = False,
-    dtype: str = "fp32",
+    dtype: str | None = None,
     opset: int = DEFAULT_OPSET,
     verify: bool = False,
     force: bool = False,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     log: Callable[[str], None] = stderr_log,
+    memory_limit_gib: float = DEFAULT_MEMORY_LIMIT_GIB,
     quant: str = "none",
     block_size: int = 32,
 ) -> Path:
     """Export registry name or checkpoint folder `model` to the bundle folder `out`; returns `out`.
 
+    The route is chosen here: in memory (the model is loaded, exported and verified against PyTorch), or, for
+    --random-weights models whose float32 weights exceed a third of the RAM, streaming (export.stream: meta
+    device, seeded weights written tensor by tensor; --verify runs export.check's structural checks).
+    dtype None takes the route's default (fp32 in memory, fp16 streaming); the choice is logged first.
     `quant` "int8"/"int4": the decoder's linear layers become MatMulNBits (export.quantize) after --verify has
     checked the float graphs against PyTorch.
 
-    Raises ExportError (bad input; nothing written) or VerificationError (`out` untouched, the bundle is
-    kept as `<out>.unverified`).
+    Raises ExportError (bad input; nothing written), VerificationError (`out` untouched, the bundle is kept as
+    `<out>.unverified`) or ExportInterrupted (Ctrl-C/SIGTERM; its message says what is on disk).
     """
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in BUNDLE_DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(BUNDLE_DTYPES)}, got {dtype!r}")
     if opset not in OPSETS:
         raise ExportError(f"--opset must be one of {', '.join(map(str, OPSETS))}, got {opset}")
-    if quant not in ("none", "int8", "int4"):
-        raise ExportError(f"--quant must be one of none, int8, int4, got {quant!r}")
+    if quant not in QUANTS:
+        raise ExportError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     if quant != "none" and (isinstance(block_size, bool) or block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"--block-size must be a power of 2 >= 16 (16, 32, 64, 128, ...), got {block_size!r}")
     out = Path(out)
-    check_model_arg(model)
-    check_out(out, force=force)
-    if random_weights:
-        from export.large import check_bundle, export_large, model_config, needs_streaming
-
-        if needs_streaming(model_config(model)[0]):  # float32 weights > RAM / 3: meta model + streamed weights
-            log(f"{model} is too large to build in memory here; streaming seeded random weights (export.large)")
-            export_large(model, out, dtype=dtype, opset=opset, seed=seed, force=force, log=log)
-            if verify:  # torch cannot hold the model on this machine: structural checks + one vision run
-                check_bundle(out, log=log)
-            return out
+    stage = None
     t_start = time.perf_counter()
-    with Staging(out, force=force) as stage:
-        t0 = time.perf_counter()
-        loaded, tokenizer, meta = load_for_export(model, random_weights=random_weights, dtype=dtype, seed=seed)
-        load_s = round(time.perf_counter() - t0, 2)
-        params = sum(p.numel() for p in loaded.parameters())
-        log(f"loaded {meta.name} ({meta.source}): {params / 1e6:,.1f} M parameters, {dtype}, in {load_s:.1f} s")
-        export_bundle(loaded, tokenizer, meta, stage.path, dtype=dtype, opset=opset, log=log, timings={"load": load_s})
-        if verify:
-            from export.verify import verify_bundle
+    try:
+        check_model_arg(model)
+        with quiet_export():
+            keep = model_folders(model)
+            check_out(out, force=force, keep=keep)
+            route = "in-memory"
+            if random_weights:
+                from export.meta import model_config, needs_streaming
 
-            t0 = time.perf_counter()
-            try:
-                verify_bundle(stage.path, loaded, log=log)
-            except VerificationError:
-                kept = stage.keep_as(out.with_name(out.name + ".unverified"))
-                log(f"verification failed; the bundle is kept at {kept} for inspection, {out} is unchanged")
-                raise
-            log(f"verified against PyTorch in {time.perf_counter() - t0:.1f} s")
-        if quant != "none":
-            from export.quantize import quantize_bundle
-
-            quantize_bundle(stage.path, quant, block_size, log=log)
-        stage.commit()
-    log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
+                if needs_streaming(model_config(model)[0]):  # float32 weights > RAM / 3
+                    route = "streaming"
+            if route == "streaming" and quant != "none":
+                raise ExportError("--quant is not available on the streaming route yet; export without --quant")
+            chosen = default_dtype(route) if dtype is None else dtype
+            log = _first_line(
+                log,
+                f"{route} route ({ROUTE_WHY[route]}), dtype {chosen}"
+                + (" (the route's default)" if dtype is None else "")
+                + f", opset {opset}",
+            )
+            stage = Staging(out, force=force, keep=keep)
+            with stage:
+                if route == "streaming":
+                    _export_streaming(model, stage, dtype=chosen, opset=opset, seed=seed, verify=verify,
+                                      memory_limit_gib=memory_limit_gib, log=log)  # fmt: skip
+                else:
+                    _export_in_memory(model, stage, random_weights=random_weights, dtype=chosen, opset=opset,
+                                      seed=seed, verify=verify, quant=quant, block_size=block_size, log=log)  # fmt: skip
+                stage.commit()
+            log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
+    except ExportInterrupted:
+        raise
+    except KeyboardInterrupt as e:
+        where = stage.on_disk() if stage is not None else f"nothing was written to {out}"
+        raise ExportInterrupted(f"interrupted; {where}") from e
     return out
+
+
+ROUTE_WHY = {
+    "in-memory": "the model is loaded and exported as it is",
+    "streaming": "too large to build in memory here: meta-device graphs, seeded weights streamed to disk",
+}
+
+
+def _first_line(log: Callable[[str], None], header: str) -> Callable[[str], None]:
+    """`log` that prints `header` before its first line, so bad input stays a one-line error."""
+    pending = [header]
+
+    def say(msg: str) -> None:
+        while pending:
+            log(pending.pop())
+        log(msg)
+
+    return say
+
+
+def _export_in_memory(model, stage: Staging, *, random_weights, dtype, opset, seed, verify, quant, block_size, log):
+    """Load the model, write the bundle into `stage.path`, verify it against PyTorch, quantise it if asked."""
+    t0 = time.perf_counter()
+    loaded, tokenizer, meta = load_for_export(model, random_weights=random_weights, dtype=dtype, seed=seed)
+    load_s = round(time.perf_counter() - t0, 2)
+    params = sum(p.numel() for p in loaded.parameters())
+    log(f"loaded {meta.name} ({meta.source}): {params / 1e6:,.1f} M parameters, {dtype}, in {load_s:.1f} s")
+    export_bundle(loaded, tokenizer, meta, stage.path, dtype=dtype, opset=opset, log=log, timings={"load": load_s})
+    if verify:
+        from export.verify import verify_bundle
+
+        t0 = time.perf_counter()
+        try:
+            verify_bundle(stage.path, loaded, log=log)
+        except VerificationError:
+            kept = stage.keep_as(stage.out.with_name(stage.out.name + ".unverified"))
+            log(f"verification failed; the bundle is kept at {kept} for inspection, {stage.out} is unchanged")
+            raise
+        log(f"verified against PyTorch in {time.perf_counter() - t0:.1f} s")
+    if quant != "none":
+        from export.quantize import quantize_bundle
+
+        quantize_bundle(stage.path, quant, block_size, log=log)
+
+
+def _export_streaming(model, stage: Staging, *, dtype, opset, seed, verify, memory_limit_gib, log):
+    """Write a seeded random-weight bundle from the meta device into `stage.path`; check it if asked."""
+    from export.stream import write_streaming
+
+    write_streaming(
+        stage.path, model, dtype, opset, seed, memory_limit_gib=memory_limit_gib, log=log, on_abort=stage.discard
+    )
+    if verify:  # torch cannot hold the model on this machine: structural checks + one vision run
+        from export.check import check_bundle
+
+        check_bundle(stage.path, log=log)
+
+
+def model_folders(model: str | os.PathLike) -> list[Path]:
+    """The folders `--model` names on disk (its path, or the checkpoint a registry name resolves to): an --out
+    that is or holds one of them is refused."""
+    from models.load import CheckpointError, resolve_checkpoint
+
+    text = os.fspath(model)
+    found = []
+    path = Path(text).expanduser()
+    if path.exists():
+        found.append(path)
+    try:
+        found.append(resolve_checkpoint(text))
+    except CheckpointError:
+        pass
+    return found

@@ -284,11 +284,11 @@ def quantize_bundle(
 def requantize(src: str | os.PathLike, out: str | os.PathLike, method: str, block_size: int = DEFAULT_BLOCK_SIZE,
                *, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Copy the float bundle `src` to `out` (staged, moved into place last) with its decoder quantized."""
-    from export.bundle import Staging
+    from export.staging import Staging
     from runtime.manifest import Manifest
 
     manifest = Manifest.from_file(src)
-    with Staging(Path(out), force=force) as stage:
+    with Staging(Path(out), force=force, keep=[Path(src)]) as stage:
         for name in [*manifest.files.values(), "manifest.json"]:
             shutil.copy2(Path(src) / name, stage.path / name)
         quantize_bundle(stage.path, method, block_size, log=log)

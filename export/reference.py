@@ -230,16 +230,16 @@ class HiredReference:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> HiredReference:
-        """The torch twin of `export.large.export_large(name, seed=seed)` bundles: the same seeded weights, built
+        """The torch twin of `export.stream.export_streaming(name, seed=seed)` bundles: the same seeded weights, built
         directly on `device` in `dtype` (no float32 copy; a 7B model in fp16 needs ~14 GB there), the registry's
         processor numbers and the offline Mistral tokenizer stand-in."""
-        from export.large import RandomWeights, materialize
+        from export.meta import RandomWeights, torch_twin
         from models import registry
         from models.build import build_processor
         from models.tokenizer import build_offline_tokenizer
 
         entry = registry.get(name)
-        model = materialize(entry.llava_config(), RandomWeights(seed), dtype=dtype, device=device)
+        model = torch_twin(entry.llava_config(), RandomWeights(seed), dtype=dtype, device=device)
         processor = build_processor(entry, build_offline_tokenizer())
         return cls(model, processor, prompt_template=entry.prompt_template, add_bos=entry.add_bos)
 

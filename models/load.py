@@ -28,7 +28,6 @@ from models.tokenizer import build_offline_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-TOKENIZER_NONE = "none"
 
 
 class CheckpointError(Exception):
@@ -40,7 +39,7 @@ class CheckpointNotFound(CheckpointError):
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class LoadInfo:
     """What `load_model` loaded, for manifests and logs.
 
     name:            registry name, or the folder's name when it matches no entry.
@@ -310,7 +309,7 @@ def _load_random(text: str, *, dtype: torch.dtype, seed: int):
         tokenizer, tok_kind = _auto_tokenizer(tok_folder), registry.TOKENIZER_CHECKPOINT
     else:
         tokenizer, tok_kind = build_offline_tokenizer(), registry.TOKENIZER_OFFLINE_MISTRAL
-    info = ModelInfo(
+    info = LoadInfo(
         name=name,
         hf_id=hf_id,
         source=source,
@@ -342,11 +341,11 @@ def _load_folder(text: str, *, dtype: torch.dtype):
     tokenizer = _auto_tokenizer(folder) if has_tok else None
     if built:
         source = f"{folder} (built by models.build: {built.get('model')}, seed {built.get('seed')}, random weights)"
-        tok_kind = str(built.get("tokenizer", registry.TOKENIZER_OFFLINE_MISTRAL)) if has_tok else TOKENIZER_NONE
+        tok_kind = str(built.get("tokenizer", registry.TOKENIZER_OFFLINE_MISTRAL)) if has_tok else registry.TOKENIZER_NONE
     else:
         source = f"{folder}" + (f" ({entry.hf_id})" if entry is not None and entry.hf_id else "")
-        tok_kind = registry.TOKENIZER_CHECKPOINT if has_tok else TOKENIZER_NONE
-    info = ModelInfo(
+        tok_kind = registry.TOKENIZER_CHECKPOINT if has_tok else registry.TOKENIZER_NONE
+    info = LoadInfo(
         name=entry.name if entry is not None else folder.name,
         hf_id=entry.hf_id if entry is not None else None,
         source=source,
@@ -368,7 +367,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ):
-    """(LlavaNextForConditionalGeneration in eval mode, tokenizer or None, ModelInfo).
+    """(LlavaNextForConditionalGeneration in eval mode, tokenizer or None, LoadInfo).
 
     name_or_path:   a checkpoint folder, a registry name or a registry hf_id.
     random_weights: build the model in memory from the folder's or the registry's config with
@@ -388,7 +387,7 @@ def load_model(
 __all__ = [
     "CheckpointError",
     "CheckpointNotFound",
-    "ModelInfo",
+    "LoadInfo",
     "hf_cache_snapshot",
     "load_model",
     "load_prompt",

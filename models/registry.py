@@ -37,6 +37,13 @@ IMAGE_PLACEHOLDER = "<image>"
 # carries (data/tokenizer.model.v1) plus "<image>" as id 32000; the stand-in for random-weight models.
 TOKENIZER_CHECKPOINT = "checkpoint"
 TOKENIZER_OFFLINE_MISTRAL = "offline-mistral-sp"
+TOKENIZER_NONE = "none"  # a checkpoint folder without tokenizer files
+TOKENIZER_KINDS = (TOKENIZER_CHECKPOINT, TOKENIZER_OFFLINE_MISTRAL, TOKENIZER_NONE)
+
+# CLIP ViT-L/14-336 preprocessing (the numbers of the llava-hf preprocessor_config.json files), used when a
+# model has no processor config on disk.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Prefill length used for the FLOP split: the visual span of a 672x672 image at full budget
 # (576 base + 4 * 576 crop tokens + 48 newline rows = 2928) plus a ~30-token prompt.
@@ -287,10 +294,14 @@ def flops_split(
 
 
 __all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
     "DEFAULT_PREFILL_TOKENS",
     "IMAGE_PLACEHOLDER",
     "MISTRAL_TEMPLATE",
     "TOKENIZER_CHECKPOINT",
+    "TOKENIZER_KINDS",
+    "TOKENIZER_NONE",
     "TOKENIZER_OFFLINE_MISTRAL",
     "VICUNA_TEMPLATE",
     "ModelEntry",

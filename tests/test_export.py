@@ -34,6 +34,8 @@ EXPECTED_FILES = {
     "tokenizer": "tokenizer.json",
 }
 TOKENS = 577  # CLS + 24 x 24 patches
+# A manifest.json as this project writes it (the keys export.staging.is_bundle looks for), standing for an old bundle.
+OLD_MANIFEST = json.dumps({"format_version": 1, "files": {}, "sha256": {}, "hired": {}, "note": "old bundle"})
 
 
 @pytest.fixture(scope="module")
@@ -294,10 +296,11 @@ def test_registry_model_not_on_disk_gets_the_download_hint(capsys, tmp_path, mon
 def test_existing_out_without_force_is_refused_and_left_alone(capsys, tmp_path, tiny_checkpoint):
     out = tmp_path / "bundle"
     out.mkdir()
+    (out / "manifest.json").write_text(OLD_MANIFEST)
     (out / "keep.txt").write_text("old")
     code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(out))
     assert code == 2 and "already exists; pass --force" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "manifest.json"] and leftovers(tmp_path) == []
 
 
 def test_folder_that_is_not_llava_next_is_refused(capsys, tmp_path):
@@ -366,18 +369,21 @@ def fake_graphs(monkeypatch):
 def test_a_failed_export_leaves_the_old_bundle_and_no_partial_one(tmp_path, tiny_checkpoint, fake_graphs, failure):
     out = tmp_path / "bundle"
     out.mkdir()
-    (out / "manifest.json").write_text("old bundle")
+    (out / "manifest.json").write_text(OLD_MANIFEST)
     fake_graphs["fail"] = failure
-    with pytest.raises(type(failure)):
+    with pytest.raises(type(failure)) as raised:
         export_model(tiny_checkpoint, out, force=True, log=lambda _m: None)
     assert [p.name for p in out.iterdir()] == ["manifest.json"]
-    assert (out / "manifest.json").read_text() == "old bundle"
+    assert (out / "manifest.json").read_text() == OLD_MANIFEST
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    if isinstance(failure, KeyboardInterrupt):  # the message says what is on disk
+        assert f"nothing was written: {out} still holds the previous bundle" in str(raised.value)
 
 
 def test_force_replaces_the_old_bundle_as_a_whole(tmp_path, tiny_checkpoint, fake_graphs):
     out = tmp_path / "bundle"
     out.mkdir()
+    (out / "manifest.json").write_text(OLD_MANIFEST)
     (out / "stale.onnx").write_text("old")
     export_model(tiny_checkpoint, out, force=True, log=lambda _m: None)
     assert sorted(p.name for p in out.iterdir()) == sorted([*EXPECTED_FILES.values(), MANIFEST_NAME, STAMP_NAME])
@@ -401,10 +407,10 @@ def test_failed_verification_exits_1_and_keeps_the_bundle_beside_out(capsys, tmp
     monkeypatch.setattr("export.verify.verify_bundle", mismatch)
     out = tmp_path / "bundle"
     out.mkdir()
-    (out / "manifest.json").write_text("old bundle")
+    (out / "manifest.json").write_text(OLD_MANIFEST)
     code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(out), "--force", "--verify")
     assert code == 1 and "error: bundle does not match PyTorch" in err
-    assert (out / "manifest.json").read_text() == "old bundle"
+    assert (out / "manifest.json").read_text() == OLD_MANIFEST
     kept = tmp_path / "bundle.unverified"
     assert Manifest.from_file(kept).files == EXPECTED_FILES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.unverified"]
@@ -432,17 +438,198 @@ def test_random_weights_without_a_checkpoint_use_the_offline_tokenizer_and_say_s
 
 
 def test_next_export_recovers_what_a_killed_export_left_behind(tmp_path):
-    from export.bundle import Staging
+    from export.staging import Staging
 
     out = tmp_path / "bundle"
-    (tmp_path / ".bundle.old-abc" / "bundle").mkdir(parents=True)  # killed between the two renames
-    (tmp_path / ".bundle.old-abc" / "bundle" / "manifest.json").write_text("{}")
-    (tmp_path / ".bundle.export-def").mkdir()  # killed while staging
+    (tmp_path / ".bundle.old-abc_1234" / "bundle").mkdir(parents=True)  # killed between the two renames
+    (tmp_path / ".bundle.old-abc_1234" / "bundle" / "manifest.json").write_text(OLD_MANIFEST)
+    (tmp_path / ".bundle.export-def56789").mkdir()  # killed while staging
     with Staging(out, force=True) as stage:
-        assert (out / "manifest.json").read_text() == "{}"  # the old bundle is back in place
+        assert (out / "manifest.json").read_text() == OLD_MANIFEST  # the old bundle is back in place
         left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
         assert left == [stage.path.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes): what must survive a refused export unchanged."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "contents",
+    [
+        {"notes.txt": "mine", "photos/cat.png": "not really a png"},  # a folder of user files
+        {"manifest.json": json.dumps({"name": "my web app", "icons": []}), "index.html": "<html>"},  # not our manifest
+        {"manifest.json": "{ not json", "data.bin": "x"},
+    ],
+    ids=["user-files", "foreign-manifest", "broken-manifest"],
+)
+def test_force_never_replaces_a_folder_that_is_not_a_bundle(capsys, tmp_path, tiny_checkpoint, contents):
+    out = tmp_path / "stuff"
+    for name, text in contents.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = tree(tmp_path)
+    for flags in (["--force"], []):
+        code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(out), *flags)
+        assert code == 2 and "neither empty nor a bundle this tool wrote" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert tree(tmp_path) == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "grandparent", "bundle-grandparent"])
+def test_out_that_is_or_holds_the_checkpoint_is_always_refused(capsys, tmp_path, tiny_checkpoint, where):
+    """--out equal to the --model folder, or any folder above it (even one that looks like a bundle), is refused
+    with --force and without, and nothing anywhere is deleted."""
+    checkpoint = tmp_path / "models" / "llava" / "tiny-copy"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    (tmp_path / "models" / "unrelated.txt").write_text("keep me")
+    out = {
+        "same": checkpoint,
+        "parent": checkpoint.parent,
+        "grandparent": checkpoint.parent.parent,
+        "bundle-grandparent": checkpoint.parent.parent,
+    }[where]
+    if where == "bundle-grandparent":
+        (out / "manifest.json").write_text(OLD_MANIFEST)
+    before = tree(tmp_path)
+    for flags in (["--force"], ["--force", "--random-weights"], []):
+        code, err = run_main(capsys, "--model", str(checkpoint), "--out", str(out), *flags)
+        assert code == 2 and "the --model checkpoint" in err and "would delete it" in err, err
+        assert tree(tmp_path) == before and leftovers(out.parent) == []
+
+
+def test_a_registry_name_protects_the_checkpoint_it_resolves_to(capsys, tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `tiny` resolves to ./checkpoints/tiny first
+    shutil.copytree(tiny_checkpoint, tmp_path / "checkpoints" / "tiny")
+    before = tree(tmp_path)
+    code, err = run_main(capsys, "--model", "tiny", "--out", "checkpoints", "--force")
+    assert code == 2 and "holds the --model checkpoint" in err
+    link = tmp_path / "link-to-checkpoint"
+    link.symlink_to(tmp_path / "checkpoints" / "tiny", target_is_directory=True)
+    code, err = run_main(capsys, "--model", "tiny", "--out", str(link), "--force")
+    assert code == 2 and "is not a folder" in err
+    link.unlink()
+    assert tree(tmp_path) == before
+
+
+def test_an_empty_out_folder_is_written_without_force(tmp_path, tiny_checkpoint, fake_graphs):
+    out = tmp_path / "empty"
+    out.mkdir()
+    export_model(tiny_checkpoint, out, log=lambda _m: None)
+    assert Manifest.from_file(out).files == EXPECTED_FILES
+
+
+def test_an_unverified_bundle_never_replaces_a_users_folder(capsys, tmp_path, tiny_checkpoint, fake_graphs, monkeypatch):
+    def mismatch(folder, model, **_):
+        raise VerificationError("bundle does not match PyTorch (fp32): vision rel 0.2 (tol 0.0001)")
+
+    monkeypatch.setattr("export.verify.verify_bundle", mismatch)
+    mine = tmp_path / "bundle.unverified"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(tmp_path / "bundle"), "--verify")
+    assert code == 1 and "bundle.unverified-2" in err
+    assert tree(mine) == {"thesis.tex": b"years of work"}
+    assert Manifest.from_file(tmp_path / "bundle.unverified-2").files == EXPECTED_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.unverified", "bundle.unverified-2"]
+
+
+def test_recovery_touches_only_the_folders_export_names_and_never_restores_a_half_deleted_bundle(tmp_path):
+    from export.staging import recover_interrupted
+
+    out = tmp_path / "bundle"  # absent: the user removed it after an interrupted commit
+    half = tmp_path / ".bundle.old-k3j9x_2a" / "bundle.deleting"  # interrupted while deleting the old bundle
+    half.mkdir(parents=True)
+    (half / "vision.onnx").write_text("half of an old graph")
+    for name in (".bundle.old-notes", ".bundle.export-mine", ".bundle.export-abcdefghij", "bundle.old-abcd1234"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text("user data")
+    assert recover_interrupted(out) == [".bundle.old-k3j9x_2a"]
+    assert not out.exists()  # a half-deleted bundle is never put back as `out`
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".bundle.old-notes", ".bundle.export-mine", ".bundle.export-abcdefghij", "bundle.old-abcd1234"]
+    )
+
+
+def test_an_interrupt_while_the_old_bundle_is_deleted_says_the_new_one_is_in_place(
+    capsys, tmp_path, tiny_checkpoint, fake_graphs, monkeypatch
+):
+    """Ctrl-C (or SIGTERM) while the previous bundle is being deleted: exit 130 with a message that says the new
+    bundle is complete at --out (never "nothing was written"); the next export removes the half-deleted rest."""
+    import export.staging
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text(OLD_MANIFEST)
+    for i in range(5):
+        (out / f"old-{i}.onnx").write_text("an old graph")
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.startswith(".bundle.old-"):
+            next(path.rglob("*.onnx")).unlink()  # part of the old bundle is gone, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(export.staging.shutil, "rmtree", interrupted_rmtree)
+    code, err = run_main(capsys, "--model", str(tiny_checkpoint), "--out", str(out), "--force")
+    monkeypatch.undo()
+    assert code == 130 and "nothing was written" not in err
+    assert f"{out} holds the new, complete bundle" in err and "removed by the next export or load" in err
+    assert Manifest.from_file(out).files == EXPECTED_FILES  # the new bundle, hash-checked
+    left = leftovers(tmp_path)
+    assert len(left) == 1 and left[0].startswith(".bundle.old-") and left[0] in err
+    assert [p.name for p in (tmp_path / left[0]).iterdir()] == ["bundle.deleting"]  # never taken for a bundle
+    export_model(tiny_checkpoint, out, force=True, log=lambda _m: None)  # the next export cleans up
+    assert leftovers(tmp_path) == [] and Manifest.from_file(out).files == EXPECTED_FILES
+
+
+def test_each_route_says_which_it_is_and_takes_its_own_default_dtype(tmp_path, tiny_checkpoint, fake_graphs, monkeypatch):
+    lines: list[str] = []
+    export_model(tiny_checkpoint, tmp_path / "a", log=lines.append)
+    assert lines[0].startswith("in-memory route") and "dtype fp32 (the route's default), opset 23" in lines[0]
+    assert Manifest.from_file(tmp_path / "a").model.dtype == "fp32"
+
+    written = {}
+
+    def fake_stream(folder, model, dtype, opset, seed, **_):
+        written.update(dtype=dtype, opset=opset, seed=seed)
+        (folder / "manifest.json").write_text(OLD_MANIFEST)
+
+    monkeypatch.setattr("export.meta.needs_streaming", lambda config, ram_bytes=None: True)
+    monkeypatch.setattr("export.stream.write_streaming", fake_stream)
+    lines.clear()
+    export_model("tiny", tmp_path / "b", random_weights=True, opset=18, seed=5, log=lines.append)
+    assert lines[0].startswith("streaming route") and "dtype fp16 (the route's default), opset 18" in lines[0]
+    assert written == {"dtype": "fp16", "opset": 18, "seed": 5}
+    lines.clear()
+    export_model("tiny", tmp_path / "c", random_weights=True, dtype="fp32", log=lines.append)
+    assert "dtype fp32, opset 23" in lines[0] and written["dtype"] == "fp32"
+    with pytest.raises(ExportError, match="--quant is not available on the streaming route"):
+        export_model("tiny", tmp_path / "d", random_weights=True, quant="int4")
+
+
+# Lines a user cannot act on that the libraries print during an export (none may reach stderr).
+NOISE = ("torchvision is not installed", "LeafSpec", "will not be used, since it shares the same shape constraints",
+         "Loading weights", "Warning")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_an_export_prints_only_its_own_progress_lines(tmp_path, tiny_checkpoint):
+    p = subprocess.run(
+        [sys.executable, "-m", "export", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--opset", "18"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert [line for line in lines if not line.startswith("[export] ")] == []
+    assert not any(noise in p.stderr for noise in NOISE)
+    assert lines[0] == "[export] in-memory route (the model is loaded and exported as it is), dtype fp32 (the " \
+        "route's default), opset 18"
+    assert lines[-1].startswith(f"[export] wrote {tmp_path / 'b'} in ")
 
 
 @pytest.mark.parametrize(

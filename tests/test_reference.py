@@ -197,7 +197,7 @@ def test_prompt_with_image_placeholder_is_refused(ref):
 
 
 def test_float16_run_keeps_float32_scores_and_the_same_budget():
-    """The seeded twin of an export_large("tiny") bundle, built directly in float16."""
+    """The seeded twin of an export_streaming("tiny") bundle, built directly in float16."""
     half = HiredReference.random("tiny", seed=0, dtype=torch.float16)
     out = half.run(picture(*SIZES[2]), PROMPT, rate=0.2, max_new_tokens=2)
     assert out.inputs_embeds.dtype == torch.float16 and out.pixel_values.dtype == torch.float16
@@ -209,28 +209,28 @@ def test_float16_run_keeps_float32_scores_and_the_same_budget():
     assert t["ttft"] >= t["prefill"] > 0 and t["total"] >= t["ttft"] + t["decode"] - 1e-3
 
 
-# ---------------------------------------------------------------------------------------------- export.large
-# The 7B-shaped streaming route (meta-device graphs, streamed seeded initialisers), on the tiny config.
+# ---------------------------------------------------------------------------------------------- streaming route
+# The 7B-shaped streaming route (export.meta, export.stream, export.check, export.watchdog), on the tiny config.
 
 
 def test_random_weights_depend_only_on_seed_and_name():
-    from export.large import RandomWeights, TensorSpec
+    from export.meta import RandomWeights, WeightSpec
 
-    spec = TensorSpec("model.x.weight", (64, 32), np.dtype(np.float16), "normal", 0.02)
+    spec = WeightSpec("model.x.weight", (64, 32), np.dtype(np.float16), "normal", 0.02)
     a, b = RandomWeights(7)(spec), RandomWeights(7)(spec)
-    other = RandomWeights(7)(TensorSpec("model.y.weight", (64, 32), np.dtype(np.float16), "normal", 0.02))
+    other = RandomWeights(7)(WeightSpec("model.y.weight", (64, 32), np.dtype(np.float16), "normal", 0.02))
     assert a.dtype == np.float16 and a.shape == (64, 32)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, other) and not np.array_equal(a, RandomWeights(8)(spec))
-    big = RandomWeights(0)(TensorSpec("w", (400, 500), np.dtype(np.float32), "normal", 0.02))
+    big = RandomWeights(0)(WeightSpec("w", (400, 500), np.dtype(np.float32), "normal", 0.02))
     assert abs(float(big.mean())) < 1e-3 and abs(float(big.std()) - 0.02) < 1e-3
-    ones = RandomWeights(0)(TensorSpec("n.weight", (5,), np.dtype(np.float32), "ones", 0.02))
-    zeros = RandomWeights(0)(TensorSpec("n.bias", (5,), np.dtype(np.float32), "zeros", 0.02))
+    ones = RandomWeights(0)(WeightSpec("n.weight", (5,), np.dtype(np.float32), "ones", 0.02))
+    zeros = RandomWeights(0)(WeightSpec("n.bias", (5,), np.dtype(np.float32), "zeros", 0.02))
     assert (ones == 1).all() and (zeros == 0).all()
 
 
 def test_meta_model_holds_no_weights_but_real_buffers():
-    from export.large import meta_model, param_specs
+    from export.meta import meta_model, param_inits
     from models.registry import get
 
     model, buffers = meta_model(get("tiny").llava_config(), torch.float16)
@@ -239,7 +239,7 @@ def test_meta_model_holds_no_weights_but_real_buffers():
     ids = buffers["model.vision_tower.embeddings.position_ids"]
     assert ids.device.type == "cpu" and torch.equal(ids[0], torch.arange(577))
     assert torch.isfinite(buffers["model.language_model.rotary_emb.inv_freq"]).all()
-    kinds = {name: kind for name, kind, _ in param_specs(model).values()}
+    kinds = {name: kind for name, kind, _ in param_inits(model).values()}
     assert kinds["model.vision_tower.pre_layrnorm.weight"] == "ones"
     assert kinds["model.language_model.norm.weight"] == "ones"
     assert kinds["model.vision_tower.pre_layrnorm.bias"] == "zeros"
@@ -259,18 +259,37 @@ def shrunken_tiny(folder):
     return folder
 
 
+STREAMING_CLI = (
+    "import sys, export.meta\n"
+    "export.meta.needs_streaming = lambda config, ram_bytes=None: True  # as on a machine too small for the model\n"
+    "from export.__main__ import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def test_streamed_bundle_matches_its_torch_twin(tmp_path):
-    """export_large in onnxruntime equals the torch model with the same seeded weights (export.verify),
-    and the hashes computed while streaming are the files' sha256."""
+    """`python -m export --random-weights` on a model too large for RAM takes the streaming route by itself, prints
+    only its own lines; in onnxruntime the bundle equals the torch model with the same seeded weights
+    (export.verify), and the hashes computed while streaming are the files' sha256."""
+    import subprocess
+    import sys
+
     import onnx
     from transformers import LlavaNextConfig
 
-    from export.large import RandomWeights, check_bundle, export_large, materialize
+    from export.check import check_bundle
+    from export.meta import RandomWeights, torch_twin
     from export.verify import verify_bundle
     from runtime.manifest import Manifest
 
     config_dir = shrunken_tiny(tmp_path / "tiny-3x1")
-    out = export_large(config_dir, tmp_path / "bundle", dtype="fp32", seed=3, log=None)
+    out = tmp_path / "bundle"
+    args = ["--model", str(config_dir), "--out", str(out), "--random-weights", "--dtype", "fp32", "--seed", "3"]
+    done = subprocess.run([sys.executable, "-c", STREAMING_CLI, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("[export] streaming route") and "dtype fp32" in lines[0]
+    assert [line for line in lines if not line.startswith("[export] ")] == []  # no library chatter
     manifest = Manifest.from_file(out)  # re-hashes every file against the streamed sha256
     assert manifest.files["decoder_data"] == "decoder.onnx.data" and manifest.model.random_weights
     assert manifest.export_info["seed"] == 3 and manifest.export_info["peak_rss_bytes"] > 0
@@ -283,10 +302,37 @@ def test_streamed_bundle_matches_its_torch_twin(tmp_path):
     lines = check_bundle(out, log=None)  # onnx.checker, graph I/O against the manifest, 1 crop in onnxruntime
     assert len(lines) == 5
 
-    twin = materialize(LlavaNextConfig.from_pretrained(config_dir), RandomWeights(3))
+    twin = torch_twin(LlavaNextConfig.from_pretrained(config_dir), RandomWeights(3))
     embed = np.load(out / "embed_tokens.npy")
     np.testing.assert_array_equal(embed, twin.get_input_embeddings().weight.detach().numpy())
     assert verify_bundle(out, twin, log=None, steps=8).ok
+
+
+def test_the_weight_writer_writes_what_the_per_tensor_hook_returns(tmp_path):
+    """write_graph(transform=...) calls the hook once per weight with its spec and drawn values and writes the
+    array it returns: zeroed weights make the projector's output exactly its (zero) biases."""
+    import onnxruntime as ort
+
+    from export.meta import RandomWeights, meta_model, trace_graph
+    from export.stream import write_graph
+    from models.registry import get
+
+    model, buffers = meta_model(get("tiny").llava_config(), torch.float32)
+    onnx_model, specs = trace_graph(model, "projector", buffers, opset=23)
+    seen = {}
+
+    def zero(spec, values):
+        seen[spec.name] = values.shape
+        assert values.shape == spec.shape and values.dtype == spec.dtype
+        return np.zeros_like(values)
+
+    hashes = write_graph(onnx_model, specs, tmp_path, "projector", RandomWeights(0), transform=zero)
+    assert set(hashes) == {"projector", "projector_data"}
+    assert seen == {spec.name: spec.shape for _, spec in specs} and "model.multi_modal_projector.linear_1.weight" in seen
+    session = ort.InferenceSession(str(tmp_path / "projector.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)
+    (y,) = session.run(None, {"image_features": x})
+    assert y.shape == (3, 128) and not y.any()
 
 
 def test_memory_watchdog_aborts_with_a_clear_message(tmp_path):
@@ -297,7 +343,7 @@ def test_memory_watchdog_aborts_with_a_clear_message(tmp_path):
     marker.mkdir()
     code = (
         "import shutil, time, numpy as np\n"
-        "from export.large import MemoryWatchdog, rss_bytes\n"
+        "from export.watchdog import MemoryWatchdog, rss_bytes\n"
         f"with MemoryWatchdog(rss_bytes() + 200 * 2**20, on_abort=lambda: shutil.rmtree({str(marker)!r}),"
         " interval=0.05) as w:\n"
         "    w.stage = 'write decoder'\n"
@@ -314,7 +360,7 @@ def test_memory_watchdog_aborts_with_a_clear_message(tmp_path):
 
 
 def test_seven_b_needs_the_streaming_route_on_24_gib():
-    from export.large import needs_streaming
+    from export.meta import needs_streaming
     from models.registry import get
 
     # 7.06 B parameters = 28.3 GB in float32, over a third of 24 GiB (and of 64 GiB); tiny is 40 MB.
