@@ -37,7 +37,6 @@ from runtime.errors import (
     BundleError,
     GenerationError,
     HiredError,
-    ImageError,
     PipelineClosedError,
     PromptError,
 )
@@ -46,7 +45,7 @@ from runtime.image import DEFAULT_MAX_PIXELS, load_image
 from runtime.manifest import Manifest
 from runtime.options import RequestOptions, SamplingConfig
 from runtime.preprocess import preprocess
-from runtime.prompt import PromptEncoder
+from runtime.prompt import Chat, PromptEncoder
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_CLOSE_TIMEOUT_S = 30.0
@@ -172,7 +171,7 @@ def _options_signature() -> inspect.Signature:
     params = [
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str"),
+        inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str | Chat"),
     ]
     params += [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
@@ -246,8 +245,9 @@ class Pipeline:
         return cls(Manifest.from_file(artifacts), provider=provider, **options)
 
     # ---- public API ---------------------------------------------------------------------------------
-    def generate(self, image, prompt: str, *, trace: Trace | None = None, **options) -> GenerationResult:
-        """image: path, bytes, PIL image, uint8 array HxW/HxWx3/HxWx4, or None (text only).
+    def generate(self, image, prompt: str | Chat, *, trace: Trace | None = None, **options) -> GenerationResult:
+        """image: path, bytes, PIL image, uint8 array HxW/HxWx3/HxWx4, or None (text only: the prompt template
+        without its image slot, no visual tokens). prompt: the user's text, or a runtime.prompt.Chat of turns.
 
         options: runtime.options.RequestOptions' fields (budget, alpha, distribution, newlines, max_new_tokens,
         min_new_tokens, temperature, top_p, seed, color); None HiRED options take the manifest's defaults.
@@ -259,7 +259,7 @@ class Pipeline:
 
     generate.__signature__ = _options_signature()
 
-    def stream(self, image, prompt: str, *, trace: Trace | None = None, **options) -> TextStream:
+    def stream(self, image, prompt: str | Chat, *, trace: Trace | None = None, **options) -> TextStream:
         """Same arguments as `generate`; yields text pieces as they are decoded, then `.result`."""
         self._enter()
         try:
@@ -353,11 +353,12 @@ class Pipeline:
                 f"max_new_tokens={sampling.max_new_tokens} does not fit the {self.max_context}-token context; "
                 f"ask for fewer than {self.max_context} tokens"
             )
-        if isinstance(prompt, str) and len(prompt) > 16 * self.max_context:
-            raise PromptError(f"prompt is {len(prompt)} characters, far over the {self.max_context}-token context")
+        chars = prompt.chars if isinstance(prompt, Chat) else len(prompt) if isinstance(prompt, str) else 0
+        if chars > 16 * self.max_context:
+            raise PromptError(f"prompt is {chars} characters, far over the {self.max_context}-token context")
         graphs = (self.vision, self.projector, self.decoder)
-        if image is None:
-            ids_before, ids_after = self._text_only_ids(prompt), []
+        if image is None:  # text only: the template without its image slot, no visual tokens
+            ids_before, ids_after = self.prompt.encode(prompt, image=False)
             req = _Request(cfg, sampling, ids_before, ids_after, graphs, t_start=t0, trace=trace)
             visual = 0
         else:
@@ -375,13 +376,6 @@ class Pipeline:
             )
         req.timings["preprocess"] = time.perf_counter() - t0
         return req
-
-    def _text_only_ids(self, prompt) -> list[int]:
-        """Prompt ids of a request without an image: the template without its image slot."""
-        raise ImageError(
-            "image is None: text-only requests need the prompt template without its image slot, which this "
-            "runtime cannot render yet; pass an image (a path, bytes, a PIL image or a uint8 array)"
-        )
 
     def _vision(self, req: _Request) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """pixel_values [n, 3, s, s] -> (features [n, 576, Dv], early scores [n, 576], late scores [n, 576])."""

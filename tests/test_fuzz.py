@@ -27,6 +27,7 @@ import resource
 import struct
 import sys
 import time
+import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -438,13 +439,14 @@ def test_anything_else_as_an_image_is_an_image_error(pipe, tmp_path):
     closed = Image.fromarray(SMALL)
     closed.close()
     cases = [
-        None, 0, 3.5, [[1, 2], [3, 4]], {"pixels": 1}, object(), b"", bytearray(b"\x89PNG\r\n\x1a\n"),
+        0, 3.5, [[1, 2], [3, 4]], {"pixels": 1}, object(), b"", bytearray(b"\x89PNG\r\n\x1a\n"),
         memoryview(b"GIF89a"), b"\0" * 1000, str(tmp_path / "missing.png"), tmp_path, str(tmp_path),
         "https://example.com/cat.png", "data:image/png;base64,AAAA", "a\0b.png", "x" * 5000, fifo, "/dev/null",
         Image.new("RGB", (0, 7)), closed, np.uint8(3), np.array(5, np.uint8),
     ]  # fmt: skip
     for image in cases:
         assert attempt(pipe, "other arguments", image) == "ImageError", repr(image)[:80]
+    assert attempt(pipe, "other arguments", None) == "ok"  # None is a text-only request (no visual tokens)
 
 
 def test_eps_is_refused_without_running_ghostscript(pipe, tmp_path, monkeypatch):
@@ -479,9 +481,14 @@ prompts = st.one_of(
 )
 
 
+def blank(text: str) -> bool:
+    """Shows nothing: whitespace, control, format (zero-width, BOM) and separator characters only."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
+
+
 def prompt_verdict(prompt) -> set[str]:
     """The outcomes a prompt allows when the image is valid."""
-    if not isinstance(prompt, str) or not prompt.strip() or "<image>" in prompt or len(prompt) >= LONG:
+    if not isinstance(prompt, str) or blank(prompt) or "<image>" in prompt or len(prompt) >= LONG:
         return {"PromptError"}
     if any("\ud800" <= ch <= "\udfff" for ch in prompt):
         return {"PromptError"}  # lone surrogates cannot be encoded as UTF-8
@@ -529,7 +536,8 @@ VALID = {
     "alpha": st.one_of(st.none(), st.floats(0, 1), st.sampled_from([0, 1, np.float64(0.25)])),
     "distribution": st.sampled_from([None, "spatial", "official"]),
     "newlines": st.sampled_from([None, "none", "rows"]),
-    "max_new_tokens": st.sampled_from([1, 2, np.int32(1), np.int64(2)]),
+    "max_new_tokens": st.sampled_from([1, 2, np.int32(1), np.int64(2), np.uint8(2), np.uint64(1)]),
+    "min_new_tokens": st.sampled_from([0, 1, np.int8(1), np.uint64(0)]),
     "temperature": st.one_of(st.floats(0, 1e6), st.sampled_from([0, 5e-324, 1e308, np.float32(0.7)])),
     "top_p": st.one_of(st.floats(0, 1, exclude_min=True), st.sampled_from([1, np.float32(0.9), 5e-324])),
     "seed": st.one_of(st.none(), st.integers(0, 2**64), st.sampled_from([np.int64(5), np.uint32(7)])),
@@ -542,7 +550,9 @@ INVALID = {
                        st.sampled_from([nan, "a", True, [0.5]])),
     "distribution": st.sampled_from(["", "SPATIAL", "uniform", 3, b"spatial", ("spatial",)]),
     "newlines": st.sampled_from(["", "row", "ROWS", 0, True]),
-    "max_new_tokens": st.sampled_from([0, -1, 1.5, "1", True, None, 2**70]),
+    "max_new_tokens": st.sampled_from([0, -1, 1.5, "1", True, None, 2**70, 10**30, np.uint64(2**64 - 1),
+                                       np.int64(2**63 - 1), np.int32(2**31 - 1), np.uint16(2**16 - 1)]),
+    "min_new_tokens": st.sampled_from([-1, 1.5, "0", True, None, 3, 10**30, np.uint64(2**64 - 1), np.int64(-1)]),
     "temperature": st.one_of(st.floats(max_value=-5e-324),
                              st.sampled_from([nan, math.inf, "0", True, None])),
     "top_p": st.one_of(st.floats(max_value=0), st.floats(min_value=1, exclude_min=True),
@@ -551,7 +561,7 @@ INVALID = {
     "color": st.sampled_from(["RGB", "", "bgra", None, 0]),
 }  # fmt: skip
 ERROR_OF = {"budget": BudgetError, "alpha": BudgetError, "distribution": BudgetError, "newlines": BudgetError,
-            "max_new_tokens": GenerationError, "temperature": GenerationError, "top_p": GenerationError,
+            "max_new_tokens": GenerationError, "min_new_tokens": GenerationError, "temperature": GenerationError, "top_p": GenerationError,
             "seed": GenerationError, "color": ImageError}  # fmt: skip
 
 
@@ -577,7 +587,8 @@ def test_options_answer_exactly_when_valid_else_name_the_option(pipe, case):
         assert outcome == "ok", opts
         return
     allowed = {ERROR_OF[name].__name__ for name in bad}
-    if opts["max_new_tokens"] == 2**70:  # an integer, but no context holds it
+    m = opts["max_new_tokens"]
+    if isinstance(m, int | np.integer) and not isinstance(m, bool) and m > 2:  # an integer no context holds
         allowed.add("PromptError")
     assert outcome in allowed, f"invalid {sorted(bad)} gave {outcome}: {opts}"
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,12 +122,57 @@ def test_sampling_is_reproducible_with_a_seed(pipe):
     assert a.token_ids == b.token_ids
 
 
+def test_text_only_request_equals_transformers_without_an_image(pipe, hf):
+    import torch
+
+    model, processor = hf
+    trace = Trace()
+    r = pipe.generate(None, PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, trace=trace)
+    spec = pipe.manifest.prompt
+    text = spec.template.replace(spec.image_placeholder + "\n", "").replace("{prompt}", PROMPT)
+    ids = processor.tokenizer(text, return_tensors="pt").input_ids  # the template without its image slot
+    assert ids[0].tolist() == pipe.prompt.encode(PROMPT, image=False)[0]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+    assert list(r.token_ids) == out[0, ids.shape[1] :].tolist()
+    assert trace.inputs_embeds.shape[0] == ids.shape[1] and trace.layout is None and trace.pixel_values is None
+    assert dict(r.visual_tokens) == {"before": 0, "kept": 0, "per_image": ()} and r.budget["total"] == 0
+
+
+INTEGER_MAXIMA = [np.uint64(2**64 - 1), np.int64(2**63 - 1), np.uint32(2**32 - 1), np.int32(2**31 - 1),
+                  np.int16(2**15 - 1), np.uint16(2**16 - 1), 2**63, 10**30, 2**64 + 7, 10**400]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", INTEGER_MAXIMA, ids=lambda v: f"{type(v).__name__}-{int(v).bit_length()}bit")
+def test_huge_max_new_tokens_of_any_integer_type_is_refused_at_once(pipe, value):
+    t0 = time.perf_counter()
+    with pytest.raises((GenerationError, PromptError), match="max_new_tokens|context") as info:
+        pipe.generate(scene(64, 48), PROMPT, max_new_tokens=value)
+    assert time.perf_counter() - t0 < 10 and "\n" not in str(info.value)
+    with pytest.raises(GenerationError, match="min_new_tokens"):  # above max_new_tokens
+        pipe.generate(scene(64, 48), PROMPT, max_new_tokens=3, min_new_tokens=value)
+
+
+@pytest.mark.parametrize("kind", [np.int8, np.uint8, np.int32, np.uint64, int])
+def test_the_context_limit_holds_for_every_integer_type(tiny_bundle, kind):
+    # 600 tokens: the text (~14) + the image's 576-token reserve + 3 new tokens fit; 100 new tokens do not
+    with Pipeline.load(tiny_bundle, max_context=600) as small:
+        image = scene(64, 48)
+        fits = small.generate(image, PROMPT, max_new_tokens=kind(3), min_new_tokens=kind(3))
+        assert len(fits.token_ids) == 3 and all(type(t) is int for t in fits.token_ids)
+        with pytest.raises(PromptError, match="600-token context"):
+            small.generate(image, PROMPT, max_new_tokens=kind(100))
+        assert small.active_requests == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
         ({"image": "no/such/file.png"}, ImageError, "no/such/file.png"),
         ({"image": np.zeros((0, 0, 3), np.uint8)}, ImageError, "0x0"),
         ({"prompt": "   "}, PromptError, "prompt is empty"),
+        ({"prompt": "\x00"}, PromptError, "prompt is empty"),
+        ({"prompt": "\u200b\ufeff\u2060 \t"}, PromptError, "prompt is empty"),
         ({"prompt": "look at <image> here"}, PromptError, "<image>"),
         ({"budget": 0.0}, BudgetError, "rate"),
         ({"budget": 1.5}, BudgetError, "rate"),
