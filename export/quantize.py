@@ -58,6 +58,7 @@ __all__ = [
     "check_block_size",
     "dequantize_weight",
     "matmul_nbits_node",
+    "plan_streaming",
     "quant_spec",
     "quantize_bundle",
     "quantized_initializers",
@@ -229,6 +230,100 @@ def quantize_decoder_file(
     return count
 
 
+def plan_streaming(model, specs: list, method: str, block_size: int = DEFAULT_BLOCK_SIZE, *,
+                   accuracy_level: int = ACCURACY_LEVEL):
+    """For the streaming writer (export.stream.write_graph and its per-tensor hook): quantize while writing.
+
+    `model`: the data-less onnx_ir model of the decoder; `specs`: its pending [(initialiser value, WeightSpec)].
+    Each top-level MatMul whose B is a pending 2-D weight read by MatMuls only (directly, or through one
+    Transpose(perm=[1, 0]), as a traced nn.Linear stores W [N, K]) becomes MatMulNBits here, reading
+    three new data-less initialisers. Returns (specs, transform) for write_graph: the float weight's entry now
+    points at the packed initialiser, and transform(spec, values) quantizes the drawn float values into it; two
+    entries after it (kind "zeros", so drawing them costs nothing) receive the scales and zero points computed
+    then. So one float weight at a time is in memory, never the model.
+    """
+    import onnx_ir as ir
+    from onnx_ir.convenience import replace_nodes_and_values
+
+    bits = BITS[method]
+    check_block_size(block_size)
+    graph = model.graph
+    pending = {id(v): (v, spec) for v, spec in specs}
+    readers: dict[int, list] = {}  # weight id -> the MatMuls reading it (directly, or through one Transpose)
+    flipped: dict[int, object] = {}  # weight id -> its Transpose(perm=[1, 0]) node (traced nn.Linear: W is [N, K])
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        b = node.inputs[1]
+        t = b.producer() if b is not None else None
+        if t is not None and t.op_type == "Transpose" and t.domain in ("", "ai.onnx") and _is_2d_flip(t):
+            b = t.inputs[0]
+        if b is None or id(b) not in pending or len(pending[id(b)][1].shape) != 2:
+            continue
+        if t is not None and b is t.inputs[0]:
+            if flipped.setdefault(id(b), t) is not t:
+                continue
+        readers.setdefault(id(b), []).append(node)
+    replaced: dict[int, list] = {}
+    parts: dict[str, tuple[str, str]] = {}  # pseudo spec name -> (float spec name, "scales" | "zero_points")
+    for wid, nodes in readers.items():
+        w, spec = pending[wid]
+        t = flipped.get(wid)
+        direct_uses = len(t.outputs[0].uses()) if t is not None else len(w.uses())
+        if direct_uses != len(nodes) or (t is not None and len(w.uses()) != 1) or w.is_graph_output():
+            continue  # read by something else too: keep it float
+        k, n = spec.shape[::-1] if t is not None else spec.shape
+        blocks = -(-k // block_size)
+        prefix = _safe(w.name)
+        shapes = {
+            f"{prefix}_Q{bits}": ((n, blocks, block_size * bits // 8), np.dtype(np.uint8)),
+            f"{prefix}_scales": ((n, blocks), np.dtype(spec.dtype)),
+            f"{prefix}_zero_points": ((n, -(-blocks * bits // 8)), np.dtype(np.uint8)),
+        }
+        new_values = []
+        for name, (shape, dtype) in shapes.items():
+            v = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.from_numpy(dtype)))
+            graph.initializers.add(v)
+            new_values.append(v)
+        for node in nodes:
+            attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
+                     ir.AttrInt64("block_size", block_size)]
+            if accuracy_level:
+                attrs.append(ir.AttrInt64("accuracy_level", accuracy_level))
+            new = ir.Node(MS_DOMAIN, "MatMulNBits", [node.inputs[0], *new_values], attrs, num_outputs=1,
+                          name=f"{node.name or node.outputs[0].name}_Q{bits}")
+            replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        if t is not None:
+            graph.remove(t, safe=True)
+        graph.initializers.pop(w.name)
+        packed, scales, zero_points = new_values
+        replaced[wid] = [
+            (packed, spec),
+            (scales, dataclasses.replace(spec, name=f"{spec.name}#scales", shape=shapes[scales.name][0], kind="zeros")),
+            (zero_points, dataclasses.replace(spec, name=f"{spec.name}#zero_points",
+                                              shape=shapes[zero_points.name][0], dtype=np.dtype(np.uint8), kind="zeros")),
+        ]
+        parts[f"{spec.name}#scales"] = (spec.name, "scales")
+        parts[f"{spec.name}#zero_points"] = (spec.name, "zero_points")
+    if replaced:
+        model.opset_imports[MS_DOMAIN] = 1
+    out_specs = [entry for v, spec in specs for entry in replaced.get(id(v), [(v, spec)])]
+    targets = {pending[wid][1].name: wid in flipped for wid in replaced}  # float spec name -> stored [N, K]
+    done: dict[str, QuantizedWeight] = {}
+
+    def transform(spec, values: np.ndarray) -> np.ndarray:
+        if spec.name in targets:
+            q = quantize_weight(values.T if targets[spec.name] else values, bits, block_size)
+            done[spec.name] = q
+            return q.packed
+        if spec.name in parts:
+            base, part = parts[spec.name]
+            return done[base].scales if part == "scales" else done.pop(base).zero_points
+        return values
+
+    return out_specs, transform
+
+
 def quantize_bundle(
     folder: str | os.PathLike,
     method: str,
@@ -330,6 +425,11 @@ def _tensor_bytes(t: TensorProto) -> int:
 
 def _safe(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
+
+
+def _is_2d_flip(node) -> bool:
+    perm = node.attributes.get("perm")
+    return perm is not None and list(perm.as_ints()) == [1, 0]
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
