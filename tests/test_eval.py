@@ -320,7 +320,7 @@ class FakeModel:
     def identity(self):
         return {"kind": "fake", "model_id": self.model_id}
 
-    def answer(self, image, prompt, *, budget, alpha, max_new_tokens):
+    def answer(self, image, prompt, *, budget, alpha, max_new_tokens, path=None):
         if self.stop_after is not None and len(self.calls) >= self.stop_after:
             raise KeyboardInterrupt
         self.calls.append((prompt, budget))
@@ -489,3 +489,47 @@ def test_tiny_cli_killed_run_resumes(bundle, tmp_path):
     assert [a["question_id"] for a in after] == expected
     assert [a["answer_id"] for a in after[: len(before)]] == [a["answer_id"] for a in before]
     assert json.loads((out / "summary.json").read_text())["budgets"][0]["n"] == 2
+
+
+def test_tiny_endpoint_answers_equal_the_local_run(tiny_run, bundle, tmp_path):
+    """--endpoint against `python -m serving.openai` on the same bundle: the same greedy answers and kept tokens."""
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    from bench.serve_bench import free_ports
+
+    qs, local_out, _ = tiny_run
+    (port,) = free_ports(1)
+    log = open(tmp_path / "server.log", "w+")
+    server = subprocess.Popen([sys.executable, "-m", "serving.openai", "--artifacts", str(bundle), "--port", str(port),
+                               "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        out = tmp_path / "out"
+        r = subprocess.run([sys.executable, "-m", "bench.eval", "--endpoint", f"{url}/v1", "--questions",
+                            str(SAMPLE / "questions.jsonl"), "--image-folder", str(SAMPLE / "images"), "--budgets",
+                            "1.0,0.2", "--limit", "3", "--seed", "0", "--answer-style", "short", "--max-new-tokens",
+                            "3", "--no-progress", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 0, r.stderr + (tmp_path / "server.log").read_text()
+        for b in (1.0, 0.2):
+            served, local = read_answers(answers_path(out, b)), read_answers(answers_path(local_out, b))
+            assert [a["prompt"] for a in served] == [q.prompt for q in qs]
+            assert [a["text"] for a in served] == [a["text"] for a in local]
+            for a, x in zip(served, local):
+                assert set(a) == LLAVA_FIELDS and a["model_id"] == "tiny"
+                for k in ("budget", "alpha", "visual_tokens_kept"):
+                    assert a["metadata"][k] == x["metadata"][k]
+                assert a["metadata"]["ttft_ms"] > 0
+        assert json.loads((out / "run.json").read_text())["model"]["kind"] == "endpoint"
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()

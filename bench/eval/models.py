@@ -88,7 +88,8 @@ class LocalModel:
         return float(self.pipeline.defaults.alpha)
 
     def answer(self, image: np.ndarray, prompt: str, *, budget: float, alpha: float | None,
-               max_new_tokens: int) -> Reply:  # fmt: skip
+               max_new_tokens: int, path: Path | None = None) -> Reply:  # fmt: skip
+        """`image`: the question's picture as read_image returned it (`path`, its file, is not needed here)."""
         from runtime.errors import ImageError, PromptError
 
         try:
@@ -134,12 +135,9 @@ class EndpointModel:
         return None
 
     def answer(self, image: np.ndarray, prompt: str, *, budget: float, alpha: float | None,
-               max_new_tokens: int) -> Reply:  # fmt: skip
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+               max_new_tokens: int, path: Path | None = None) -> Reply:  # fmt: skip
+        """Sends the image file's own bytes (`path`) as a data URL, or `image` encoded as PNG without a path."""
+        url = _data_url(image, path)
         hired = {"budget": budget} | ({} if alpha is None else {"alpha": alpha})
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
         try:
@@ -158,6 +156,21 @@ class EndpointModel:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _data_url(image: np.ndarray, path: Path | None) -> str:
+    """data:image/...;base64 URL of the file as it is on disk (PNG re-encoding of `image` when unknown)."""
+    from PIL import Image
+
+    if path is not None:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            media = Image.MIME.get(im.format or "", "")
+        if media.startswith("image/"):
+            return f"data:{media};base64," + base64.b64encode(data).decode("ascii")
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _api_message(err) -> str:

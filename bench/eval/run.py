@@ -186,8 +186,9 @@ def run_questions(model, questions: Sequence[Question], out: Path, done: dict[fl
             need = [b for b in budgets if i >= done[b]]
             if not need:
                 continue
+            path = image_folder / q.image
             try:
-                image, image_error = read_image(image_folder / q.image), None
+                image, image_error = read_image(path), None
             except QuestionError as err:
                 image, image_error = None, str(err)
             for b in need:
@@ -195,7 +196,7 @@ def run_questions(model, questions: Sequence[Question], out: Path, done: dict[fl
                 error = image_error
                 if error is None:
                     try:
-                        r = model.answer(image, q.prompt, budget=b, alpha=alpha, max_new_tokens=max_new_tokens)
+                        r = model.answer(image, q.prompt, budget=b, alpha=alpha, max_new_tokens=max_new_tokens, path=path)
                     except QuestionError as err:
                         error = str(err)
                 if error is None:

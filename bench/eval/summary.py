@@ -145,10 +145,13 @@ def summary_markdown(s: dict[str, Any]) -> str:
             f"| {_pct(b['loyalty'])} | {_num(b['ttft_ms_median'], ',.1f')} | {_num(b['ttft_ms_p90'], ',.1f')} "
             f"| {_num(b['kept_mean'], ',.1f')} |"
         )
-    if any(b.get("by_metric") for b in s["budgets"]):
-        out += ["", "Per metric (n, score): " + "; ".join(
-            f"budget {b['budget']!r}: " + ", ".join(f"{m} {v['n']} {_pct(v['score'])}" for m, v in b["by_metric"].items())
-            for b in s["budgets"])]  # fmt: skip
+    names = sorted({m for b in s["budgets"] for m in b.get("by_metric", {})})
+    if names:
+        out += ["", "| budget | " + " | ".join(f"{m} (n)" for m in names) + " |", "|---:|" + "---:|" * len(names)]
+        for b in s["budgets"]:
+            cells = [b.get("by_metric", {}).get(m) for m in names]
+            out.append(f"| {b['budget']!r} | " + " | ".join(
+                "-" if c is None else f"{_pct(c['score'])} ({c['n']})" for c in cells) + " |")  # fmt: skip
     if any("pope" in b for b in s["budgets"]):
         out += ["", "| budget | POPE accuracy | precision | recall | F1 | yes-ratio |", "|---:|---:|---:|---:|---:|---:|"]
         for b in s["budgets"]:
@@ -174,21 +177,23 @@ def summary_plot(s: dict[str, Any], path: Path) -> None:
 
     pts = [b for b in s["budgets"] if b["score"] is not None and b["ttft_ms_median"] is not None]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for b in pts:
+    for k, b in enumerate(pts):
         y = 100 * b["score"]
         err = None
         if b["ci95"] is not None:
             err = [[y - 100 * b["ci95"][0]], [100 * b["ci95"][1] - y]]
         ax.errorbar(b["ttft_ms_median"], y, yerr=err, fmt="o", capsize=3, color="tab:blue")
-        kept = "" if b["kept_mean"] is None else f", {b['kept_mean']:.0f} tok"
-        ax.annotate(f"budget {b['budget']!r}{kept}", (b["ttft_ms_median"], y), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)  # fmt: skip
+        kept = "" if b["kept_mean"] is None else f"\n{b['kept_mean']:.0f} tok"
+        ax.annotate(f"{b['budget']!r}{kept}", (b["ttft_ms_median"], y), textcoords="offset points", fontsize=8,
+                    xytext=(4, 6 if k % 2 == 0 else -24))  # alternate above/below: neighbours do not overlap  # fmt: skip
     if len(pts) > 1:
         ax.plot([b["ttft_ms_median"] for b in pts], [100 * b["score"] for b in pts], color="tab:blue", alpha=0.4)
     ax.set_xlabel("median TTFT (ms)")
     ax.set_ylabel(f"score (%), metric {s['metric']}")
     ax.set_title(f"{s['model_id']}: accuracy against budget")
-    ax.set_xlim(left=0)
+    if pts:
+        ax.set_xlim(0, 1.15 * max(b["ttft_ms_median"] for b in pts))
+        ax.margins(y=0.25)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
