@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
@@ -115,18 +116,32 @@ def export_decoder(model, path: str | Path, *, opset: int, external_data: bool |
             verbose=False,
         )
     save_program(program, path, wrapper, external_data)
-    rewrite_attention(path)
+    rewrite_attention(path, model.config.text_config)
     return path
 
 
-def rewrite_attention(path: Path, blocks: int = ATTENTION_BLOCKS) -> None:
-    """Replace the masked Attention nodes of the saved graph at `path` by `block_causal_attention`, in place.
+def rewrite_attention(path: Path, text_config, blocks: int = ATTENTION_BLOCKS) -> str:
+    """Rewrite the attention of the saved decoder graph at `path`, in place; returns its KV-cache kind.
 
-    External weights (`<path>.data`) are neither loaded nor rewritten: the graph keeps its references to them.
+    GroupQueryAttention (SHARED) where `group_query_attention` matches every layer and the model has no sliding
+    window; else each masked Attention becomes `block_causal_attention` (CONCAT). Opset 18 graphs have no Attention
+    node: CONCAT, unchanged. External weights (`<path>.data`) are neither loaded nor rewritten.
     """
     model = onnx.load(str(path), load_external_data=False)
-    block_causal_attention(model.graph, blocks)
+    heads = int(text_config.num_attention_heads)
+    kv = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    kind = CONCAT
+    if getattr(text_config, "sliding_window", None) is None:
+        try:
+            group_query_attention(model, num_heads=heads, kv_heads=kv)
+            kind = SHARED
+        except NotMatched:
+            pass
+    if kind == CONCAT:
+        block_causal_attention(model.graph, blocks)
+        set_kv_cache(model, CONCAT)
     onnx.save(model, str(path))
+    return kind
 
 
 def block_causal_attention(graph: onnx.GraphProto, blocks: int) -> int:
@@ -199,3 +214,179 @@ def _blocked_attention(node: onnx.NodeProto, blocks: int, elem: int, tag: str) -
     then_g = helper.make_graph(body, n("then"), [], [typed(n("blocked"), elem, None)])
     else_g = helper.make_graph([single], n("else"), [], [typed(n("single"), elem, None)])
     return [*outer, helper.make_node("If", [n("big")], [out], name=tag, then_branch=then_g, else_branch=else_g)]
+
+
+# ---------------------------------------------------------------------------------------------- GroupQueryAttention
+KV_CACHE_KEY = "hired_edge.kv_cache"  # decoder.onnx metadata: how the graph treats past and present KV
+SHARED = "shared-buffer"  # GroupQueryAttention: past_* and present_* may be one buffer [b, kv, max_len, hd]
+CONCAT = "concat"  # present = Concat(past, new): a new, one-longer tensor per step
+
+
+class NotMatched(ValueError):
+    """The exported attention does not have the shape group_query_attention knows; the graph is left unchanged."""
+
+
+def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: int) -> int:
+    """Rewrite every Attention of an exported decoder into com.microsoft GroupQueryAttention, in place.
+
+    Per layer the exporter writes  q, k, v = MatMul -> Reshape [b, s, h, hd] -> Transpose [b, h, s, hd]
+    (-> RotaryEmbedding for q, k),  present = Concat(past, k_new),  repeat_kv = Unsqueeze/Expand/Reshape,
+    Attention(q, K, V, mask) -> Transpose -> Reshape [b, s, h*hd]. It becomes
+        RotaryEmbedding(MatMul [b, s, h*hd], cos, sin, num_heads)          (the exporter's own cos/sin)
+        GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length)
+            -> [b, s, h*hd] (the old Reshape's output), present_key, present_value
+    with seqlens_k = ReduceSum(attention_mask) - 1 and total_sequence_length = attention_mask's length (int32).
+    No node reads a past K/V input any more except GroupQueryAttention: bound to the same OrtValue as its
+    present, it writes only the new positions (past_present_share_buffer); fed a past of length p it returns a
+    present of p + s, as before. Causality and the key count come from seqlens_k: every attention_mask must be
+    ones (batch 1, or right padding). Returns the number of layers rewritten; raises NotMatched and changes
+    nothing when a layer does not have the expected form.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inputs = {i.name for i in graph.input}
+    mask_input = DECODER_INPUTS[1]
+    if mask_input not in inputs:
+        raise NotMatched(f"the graph has no {mask_input!r} input")
+
+    def prod(name: str, op: str) -> onnx.NodeProto:
+        node = producer.get(name)
+        if node is None or node.op_type != op:
+            raise NotMatched(f"{name!r} is not the output of a {op} (got {node.op_type if node else 'an input'})")
+        return node
+
+    def perm(node: onnx.NodeProto) -> list[int]:
+        return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+    def projection(x4: str) -> tuple[str, onnx.NodeProto | None]:
+        """[b, h, s, hd] tensor -> (its [b, s, h*hd] source, the RotaryEmbedding applied on the way or None)."""
+        rotary = producer.get(x4) if producer.get(x4) is not None and producer[x4].op_type == "RotaryEmbedding" else None
+        t = prod(rotary.input[0] if rotary else x4, "Transpose")
+        if perm(t) != [0, 2, 1, 3]:
+            raise NotMatched(f"Transpose {t.name!r} has perm {perm(t)}, expected [0, 2, 1, 3]")
+        return prod(t.input[0], "Reshape").input[0], rotary
+
+    def cache(kv: str) -> onnx.NodeProto:
+        """The Concat(past, new) that the attention's key/value input is derived from (through repeat_kv)."""
+        node = producer.get(kv)
+        while node is not None and node.op_type in ("Reshape", "Expand", "Unsqueeze"):
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "Concat" or node.input[0] not in inputs or len(node.input) != 2:
+            raise NotMatched(f"attention input {kv!r} is not derived from Concat(past, new)")
+        return node
+
+    plans = []
+    for node in graph.node:
+        if node.op_type != "Attention":
+            continue
+        if len(node.output) != 1:
+            raise NotMatched(f"Attention {node.name!r} has {len(node.output)} outputs (it concatenates a cache itself)")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("softcap") or attrs.get("softmax_precision") not in (None, 1):
+            raise NotMatched(f"Attention {node.name!r} has attributes GroupQueryAttention does not take: {attrs}")
+        q_src, q_rot = projection(node.input[0])
+        k_cat, v_cat = cache(node.input[1]), cache(node.input[2])
+        k_src, k_rot = projection(k_cat.input[1])
+        v_src, v_rot = projection(v_cat.input[1])
+        if (q_rot is None) != (k_rot is None) or v_rot is not None:
+            raise NotMatched(f"Attention {node.name!r}: rotary on q and k only is expected")
+        after = consumers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "Transpose" or perm(after[0]) != [0, 2, 1, 3]:
+            raise NotMatched(f"Attention {node.name!r} output is not transposed back to [b, s, h, hd]")
+        reshape = consumers.get(after[0].output[0], [])
+        if len(reshape) != 1 or reshape[0].op_type != "Reshape":
+            raise NotMatched(f"Attention {node.name!r} output is not reshaped to [b, s, h*hd]")
+        plans.append((node, attrs, q_src, q_rot, k_src, k_rot, v_src, k_cat, v_cat, reshape[0].output[0]))
+    if not plans:
+        raise NotMatched("the graph has no Attention node")
+
+    tag = "gqa"
+    seq_nodes = [
+        helper.make_node("ReduceSum", [mask_input, f"{tag}_axis1"], [f"{tag}_lens"], keepdims=0),
+        helper.make_node("Sub", [f"{tag}_lens", f"{tag}_one"], [f"{tag}_lens_1"]),
+        helper.make_node("Cast", [f"{tag}_lens_1"], [f"{tag}_seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", [mask_input], [f"{tag}_total_1"], start=1, end=2),
+        helper.make_node("Squeeze", [f"{tag}_total_1"], [f"{tag}_total_64"]),
+        helper.make_node("Cast", [f"{tag}_total_64"], [f"{tag}_total"], to=TensorProto.INT32),
+    ]
+    graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([1], np.int64), f"{tag}_axis1"),
+        onnx.numpy_helper.from_array(np.array(1, np.int64), f"{tag}_one"),
+    ])
+    replaced = {}
+    for i, (node, attrs, q_src, q_rot, k_src, k_rot, v_src, k_cat, v_cat, out) in enumerate(plans):
+        new = [_rotary_3d(src, rot, heads, f"{tag}{i}_{x}")
+               for src, rot, heads, x in ((q_src, q_rot, num_heads, "q"), (k_src, k_rot, kv_heads, "k")) if rot]
+        q = new[0].output[0] if q_rot else q_src
+        k = new[-1].output[0] if k_rot else k_src
+        gqa = helper.make_node(
+            "GroupQueryAttention",
+            [q, k, v_src, k_cat.input[0], v_cat.input[0], f"{tag}_seqlens_k", f"{tag}_total"],
+            [out, k_cat.output[0], v_cat.output[0]],
+            name=f"{tag}{i}",
+            domain="com.microsoft",
+            num_heads=num_heads,
+            kv_num_heads=kv_heads,
+        )
+        if attrs.get("scale") is not None:
+            gqa.attribute.append(helper.make_attribute("scale", float(attrs["scale"])))
+        new.append(gqa)
+        replaced[id(node)] = new
+    dead = {id(p[7]) for p in plans} | {id(p[8]) for p in plans} | {id(producer[p[9]]) for p in plans}
+    nodes = list(seq_nodes)
+    for n in graph.node:
+        if id(n) in replaced:
+            nodes.extend(replaced[id(n)])
+        elif id(n) not in dead:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    prune_dead_nodes(graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    set_kv_cache(model, SHARED)
+    return len(plans)
+
+
+def _rotary_3d(src: str, rot: onnx.NodeProto, heads: int, name: str) -> onnx.NodeProto:
+    """`rot` (a RotaryEmbedding on [b, h, s, hd]) applied to its [b, s, h*hd] source `src` instead."""
+    r = helper.make_node("RotaryEmbedding", [src, *rot.input[1:]], [name], name=name)
+    r.attribute.extend(a for a in rot.attribute if a.name != "num_heads")
+    r.attribute.append(helper.make_attribute("num_heads", heads))
+    return r
+
+
+def prune_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nobody reads (graph outputs count as read), then unused initialisers/value_info."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for n in reversed(graph.node):
+        if any(o in needed for o in n.output) or not n.output:
+            keep.append(n)
+            needed.update(n.input)
+            for a in n.attribute:  # subgraphs read outer names
+                for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                    needed.update(i for sub in g.node for i in sub.input)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    live = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    produced = {o for n in graph.node for o in n.output}
+    info = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+
+
+def set_kv_cache(model: onnx.ModelProto, kind: str) -> None:
+    """Record in the graph's metadata how it treats its KV cache (KV_CACHE_KEY: SHARED or CONCAT)."""
+    for p in model.metadata_props:
+        if p.key == KV_CACHE_KEY:
+            p.value = kind
+            return
+    model.metadata_props.add(key=KV_CACHE_KEY, value=kind)
