@@ -46,12 +46,13 @@ from runtime.manifest import Manifest
 from runtime.options import RequestOptions, SamplingConfig
 from runtime.preprocess import preprocess
 from runtime.prompt import Chat, PromptEncoder
+from runtime.quant import check_method, check_onnxruntime
+from runtime.stream import CLOSED, TextStream, _ReleaseOnce
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_CLOSE_TIMEOUT_S = 30.0
-# The keys of GenerationResult.timings_ms (export/reference.py's REFERENCE_TIMING_KEYS add "ttft").
+# The keys of GenerationResult.timings_ms (export/reference.py has its own TIMING_KEYS, with "ttft").
 RESULT_TIMING_KEYS = ("preprocess", "vision", "select", "projector", "prefill", "decode", "total")
-_CLOSED = "this Pipeline is closed; load a new one"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class GenerationResult:
     budget: MappingProxyType  # rate, alpha, total (= T), distribution, newlines
     timings_ms: MappingProxyType  # RESULT_TIMING_KEYS
     provider: str
+    quant: str = "none"  # the decoder's weights: "none", "int8" or "int4" (manifest quant.method)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +75,7 @@ class GenerationResult:
             "budget": dict(self.budget),
             "timings_ms": dict(self.timings_ms),
             "provider": self.provider,
+            "quant": self.quant,
         }
 
 
@@ -91,63 +94,6 @@ class Trace:
     order: np.ndarray | None = None  # [span] packed visual span: image * 576 + token, or NEWLINE
     inputs_embeds: np.ndarray | None = None  # [L, Dt] what the decoder's prefill got
     prefill_logits: np.ndarray | None = None  # [V] last-position logits of the prefill
-
-
-class TextStream:
-    """Iterator of text pieces; when exhausted, `.result` holds the GenerationResult (also StopIteration.value).
-
-    After `Pipeline.close()` ended it, `next()` raises PipelineClosedError."""
-
-    def __init__(self, gen: Iterator[str], release):
-        self._gen = gen
-        self._release = release
-        self._lock = threading.Lock()  # held by the thread advancing the stream
-        self._owner = threading.get_ident()  # the thread that made or last advanced it
-        self._ended = False
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> TextStream:
-        return self
-
-    def __next__(self) -> str:
-        with self._lock:
-            self._owner = threading.get_ident()
-            if self._ended:
-                raise PipelineClosedError(f"{_CLOSED} (it ended this stream)")
-            try:
-                return next(self._gen)
-            except StopIteration as stop:
-                self.result = stop.value
-                raise StopIteration(stop.value) from None
-
-    def _end(self) -> bool:
-        """End the stream unless a thread is advancing it right now (then False: it stops at its next check)."""
-        if not self._lock.acquire(blocking=False):
-            return False
-        try:
-            if self.result is None:
-                self._ended = True
-            self._gen.close()  # a started generator runs its `finally` here
-            self._release()  # a never-started one has none to run
-        finally:
-            self._lock.release()
-        return True
-
-
-class _ReleaseOnce:
-    """Calls `fn` the first time it is called and never again, from any thread."""
-
-    def __init__(self, fn):
-        self._fn = fn
-        self._lock = threading.Lock()
-        self._done = False
-
-    def __call__(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self._done = True
-        self._fn()
 
 
 @dataclass
@@ -204,9 +150,12 @@ class Pipeline:
         self.manifest = manifest
         self.max_pixels = max_pixels
         self.max_context = min(int(max_context), int(manifest.text.max_position_embeddings))
+        check_method(manifest.quant.method, manifest.quant.block_size)
         if sessions is None:
             # onnxruntime is imported only where this process runs the graphs itself
             from runtime.session import OrtSession, log, provider_chain
+
+            check_onnxruntime(manifest.quant.method, opset_min=str(manifest.export_info.get("min_onnxruntime", "")))
 
             for w in provider_chain(provider, cache_dir)[1]:
                 log.warning("%s", w)
@@ -320,7 +269,7 @@ class Pipeline:
     def _enter(self) -> None:
         with self._cond:
             if self._closed:
-                raise PipelineClosedError(_CLOSED)
+                raise PipelineClosedError(CLOSED)
             self._active += 1
 
     def _leave(self) -> None:
@@ -333,7 +282,7 @@ class Pipeline:
 
     def _check_open(self) -> None:
         if self._cancel.is_set():
-            raise PipelineClosedError(f"{_CLOSED} (close() cancelled this request)")
+            raise PipelineClosedError(f"{CLOSED} (close() cancelled this request)")
 
     def _execute(self, req: _Request, release: _ReleaseOnce) -> Iterator[str]:
         try:
@@ -431,7 +380,7 @@ class Pipeline:
         eos = self.manifest.tokens.eos
         gen = Generation(
             req.graphs[2], embeds, req.sampling, eos=eos, cancelled=self._cancelled,
-            cancel_error=lambda: PipelineClosedError(f"{_CLOSED} (close() cancelled this request)"),
+            cancel_error=lambda: PipelineClosedError(f"{CLOSED} (close() cancelled this request)"),
         )  # fmt: skip
         t = time.perf_counter()
         text = yield from stream_text(_after_prefill(gen, req), self.prompt.decode, eos)
@@ -477,6 +426,7 @@ class Pipeline:
             ),  # fmt: skip
             timings_ms=MappingProxyType({k: round(tm.get(k, 0.0) * 1000, 3) for k in RESULT_TIMING_KEYS}),
             provider=self.provider,
+            quant=self.manifest.quant.method,
         )
 
 

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from runtime.errors import BudgetError, GenerationError, HiredError, ImageError, PromptError
+from runtime.image import DEFAULT_MAX_PIXELS
 from runtime.pipeline import GenerationResult, Pipeline
 from tests.helpers import fd_count, rss_mb, scene_array
 
@@ -298,9 +299,9 @@ def bombs(draw) -> tuple[bytes, str, int, int]:
     fmt = draw(st.sampled_from(sorted(BOMB_LIMITS)))
     top = BOMB_LIMITS[fmt]
     width = draw(st.integers(1, top))
-    low = 64_000_000 // width + 1  # width * height > 64 Mpx, the default limit
+    low = DEFAULT_MAX_PIXELS // width + 1  # width * height over the default pixel limit
     if low > top:
-        width, low = top, 64_000_000 // top + 1
+        width, low = top, DEFAULT_MAX_PIXELS // top + 1
     height = draw(st.integers(low, top))
     if draw(st.booleans()):
         width, height = height, width
