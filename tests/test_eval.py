@@ -379,9 +379,15 @@ def test_out_folder_of_another_run_is_refused(tmp_path):
     assert len(read_answers(answers_path(out, 0.5))) == 2
     alien = tmp_path / "alien"
     alien.mkdir()
-    (alien / "answers-1.0.jsonl").write_text("")
+    (alien / "answers-1.0.jsonl").write_text('{"question_id": 1, "text": "?"}\n')
     with pytest.raises(OutDirError, match="no run.json"):
         _run(FakeModel("one"), alien, qs)
+    # a run.json without any answer (a start that failed before answering) is no reason to refuse
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "run.json").write_text(json.dumps({"model": {"kind": "bundle", "model_id": "other"}}))
+    _run(FakeModel("one"), failed, qs)
+    assert json.loads((failed / "run.json").read_text())["model"]["model_id"] == "one"
 
 
 def test_missing_and_unreadable_images_are_recorded_and_counted_apart(tmp_path):

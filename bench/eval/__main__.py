@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--artifacts", type=Path, help="bundle folder (python -m export ...) run locally")
     src.add_argument("--endpoint", help="OpenAI-compatible base URL of a served model, e.g. http://127.0.0.1:8080/v1")
-    p.add_argument("--model", default=None, help="with --endpoint: the model name to ask for (default: the first listed)")
+    p.add_argument("--model", default=None, help="with --endpoint: the model name to ask for (default: the first "
+                   "listed); an API key is read from $HIRED_API_KEY or $OPENAI_API_KEY")  # fmt: skip
     p.add_argument("--questions", type=Path, required=True, help="LLaVA question jsonl")
     p.add_argument("--image-folder", type=Path, default=None, help="folder the images are relative to "
                    "(default: the questions file's folder)")  # fmt: skip
@@ -76,8 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (EvalError, HiredError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. --out not writable
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the answers written so far stay in {args.out}; the same command resumes", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:

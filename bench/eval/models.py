@@ -18,6 +18,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class EndpointModel:
     """A model served behind an OpenAI-compatible `/v1/chat/completions` (`python -m serving.openai`).
 
     The budget and alpha go in the HiRED extra-body object `hired`; the reply's `hired` facts give the kept tokens
-    and stage timings."""
+    and stage timings. The API key, when the server wants one, comes from $HIRED_API_KEY or $OPENAI_API_KEY."""
 
     def __init__(self, url: str, *, model: str | None = None, timeout_s: float = 600.0):
         try:
@@ -119,7 +120,8 @@ class EndpointModel:
             raise EvalError("--endpoint needs the openai client: pip install openai") from None
         self._openai = openai
         self.url = url.rstrip("/")
-        self.client = openai.OpenAI(base_url=self.url, api_key="unused", timeout=timeout_s, max_retries=0)
+        key = os.environ.get("HIRED_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+        self.client = openai.OpenAI(base_url=self.url, api_key=key, timeout=timeout_s, max_retries=0)
         try:
             models = [m.id for m in self.client.models.list()]
         except openai.APIError as err:

@@ -84,8 +84,8 @@ def open_out(out: Path, config: dict[str, Any], questions: Sequence[Question],
     questions. A last line cut short by a kill is removed."""
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
-    existing = sorted(out.glob("answers-*.jsonl"))
-    if run_file.exists():
+    existing = [p for p in sorted(out.glob("answers-*.jsonl")) if p.stat().st_size > 0]
+    if run_file.exists() and existing:  # without answers, an old run.json (say, of a failed start) is replaced
         try:
             old = json.loads(run_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:

@@ -159,6 +159,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
             if p:
                 out.append(f"| {b['budget']!r} | {_pct(p['accuracy'])} | {_pct(p['precision'])} | "
                            f"{_pct(p['recall'])} | {_pct(p['f1'])} | {_pct(p['yes_ratio'])} |")  # fmt: skip
+    if not any(b["budget"] == 1.0 for b in s["budgets"]):
+        out += ["", "No budget 1.0 in --budgets: add it for 'vs full' and 'loyalty'."]
     out += [
         "",
         "score: mean per-question score (exact/choice/yes-no 0 or 1, VQA soft accuracy); 95% CI by bootstrap over "
