@@ -532,8 +532,6 @@ def _check_values(m: Manifest) -> None:
     ip, v = m.image_processor, m.vision
     _int_in("image_processor.crop_size", ip.crop_size, 1, MAX_PIXELS_SIDE)
     _int_in("image_processor.shortest_edge", ip.shortest_edge, 1, MAX_PIXELS_SIDE)
-    if not ip.grid_pinpoints:
-        raise BundleError(f"manifest image_processor.grid_pinpoints is empty; it needs at least one; {_FIX}")
     for i, pin in enumerate(ip.grid_pinpoints):
         for side in pin:
             _int_in(f"image_processor.grid_pinpoints[{i}]", side, ip.crop_size, MAX_CROPS_PER_SIDE * ip.crop_size)
