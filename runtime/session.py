@@ -201,6 +201,22 @@ class OrtSession:
     def dtype(self, tensor: str) -> type:
         return self.input_types[tensor]
 
+    def metadata(self) -> dict[str, str]:
+        """The graph's metadata_props (e.g. `hired_edge.kv_cache`, how the decoder treats its KV cache)."""
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def io_binding(self) -> ort.IOBinding:
+        """A fresh onnxruntime IO binding for `run_with_binding` (inputs and outputs that stay on the device)."""
+        return self.session.io_binding()
+
+    def run_with_binding(self, binding: ort.IOBinding) -> None:
+        """Run with bound inputs/outputs (runtime.decoder binds the KV cache in place); one-line GenerationError."""
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GenerationError(f"{self.name} graph failed in onnxruntime: {first}") from None
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
         """Run the graph. feeds: tensor name -> array (the tensor names are the manifest's, looked up with
         `self.inputs[logical]`); outputs: tensor names (`self.outputs[logical]`), None for all, in that order.

@@ -1,0 +1,176 @@
+"""The decoder graph and its runner: GroupQueryAttention reads the KV cache in place, one buffer per request."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from runtime.decoder import CONCAT, KV_CACHE_KEY, SHARED, Decoder, cache_device
+from runtime.errors import GenerationError
+from runtime.manifest import Manifest
+from runtime.session import OrtSession
+from tests.helpers import rss_mb
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_bundle) -> Manifest:
+    return Manifest.from_file(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def session(manifest) -> OrtSession:
+    return OrtSession.from_manifest(manifest, "decoder", threads=2)
+
+
+@pytest.fixture(scope="module")
+def embed(manifest) -> np.ndarray:
+    return np.load(manifest.path("embed_tokens"))
+
+
+def decoder(session, embed, text, kind: str | None = None) -> Decoder:
+    dec = Decoder(session, embed, text)
+    if kind is not None:
+        dec.kv_cache = kind  # the same graph driven the other way (GroupQueryAttention also takes a growing past)
+    return dec
+
+
+def prompt(embed, n: int, seed: int = 0) -> np.ndarray:
+    return embed[np.random.default_rng(seed).integers(3, 32000, n)]
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+def test_only_group_query_attention_reads_the_past(manifest):
+    graph = onnx.load(str(manifest.path("decoder")), load_external_data=False)
+    past = {i.name for i in graph.graph.input if i.name.startswith("past_key_values.")}
+    readers = [n for n in graph.graph.node if set(n.input) & past]
+    assert {n.op_type for n in readers} <= {"GroupQueryAttention", "Shape"}
+    gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == manifest.text.num_layers
+    for i, node in enumerate(gqa):  # past i in, present i out: the pair the runtime binds to one buffer
+        assert list(node.input[3:5]) == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert list(node.output[1:3]) == [f"present.{i}.key", f"present.{i}.value"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["num_heads"], attrs["kv_num_heads"]) == (4, manifest.text.num_kv_heads)
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {"Attention", "Expand", "Concat", "If"}  # no concatenated cache, no repeat_kv, no mask blocks
+    assert {p.key: p.value for p in graph.metadata_props}[KV_CACHE_KEY] == SHARED
+
+
+def test_linear_layers_stay_plain_matmuls_on_weight_initialisers(manifest):
+    """What a weight-only quantizer turns into MatMulNBits: MatMul(x, W) with W an [in, out] initialiser."""
+    graph = onnx.load(str(manifest.path("decoder")), load_external_data=False).graph
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 7 * manifest.text.num_layers + 1  # q, k, v, o, gate, up, down per layer; lm_head
+    assert all(len(weights.get(n.input[1], [])) == 2 for n in matmuls)
+    assert weights[matmuls[-1].input[1]] == [manifest.text.hidden_size, manifest.text.vocab_size]
+
+
+def test_a_graph_without_attention_keeps_the_concat_form(tmp_path):
+    """Opset 18 decoders (primitive attention ops) are left as they are and say so in their metadata."""
+    from export.decoder import rewrite_attention
+
+    past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, [1, 2, "p", 4])
+    new = helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, 2, "s", 4])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, "t"])
+    out = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, [1, 2, "t", 4])
+    node = helper.make_node("Concat", ["past_key_values.0.key", "k"], ["present.0.key"], axis=2)
+    model = helper.make_model(helper.make_graph([node], "g", [past, new, mask], [out]))
+    path = tmp_path / "decoder.onnx"
+    onnx.save(model, path)
+    text = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    assert rewrite_attention(path, text) == CONCAT
+    again = onnx.load(str(path))
+    assert [n.op_type for n in again.graph.node] == ["Concat"]
+    assert {p.key: p.value for p in again.metadata_props}[KV_CACHE_KEY] == CONCAT
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+def test_shared_buffer_and_concat_runs_give_the_same_logits(session, embed, manifest):
+    shared, concat = decoder(session, embed, manifest.text), decoder(session, embed, manifest.text, CONCAT)
+    assert shared.kv_cache == SHARED
+    x = prompt(embed, 37)
+    a, ca = shared.prefill(x, max_new_tokens=12)
+    b, cb = concat.prefill(x, max_new_tokens=12)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert ca.capacity == 37 + 12 and ca.values[0].shape() == [1, manifest.text.num_kv_heads, 49, 32]
+    for position in range(37, 48):
+        token = int(np.argmax(a))
+        assert token == int(np.argmax(b))
+        a, ca = shared.step(token, position, ca)
+        b, cb = concat.step(token, position, cb)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert ca.length == cb.length == 48 and cb.values[0].shape[2] == 48
+    k = ca.values[0].numpy()[:, :, :48]  # the shared buffer holds what the concat run returned, in place
+    np.testing.assert_allclose(k, cb.values[0], atol=1e-5)
+
+
+def test_a_decode_to_the_context_limit_reuses_one_buffer_and_keeps_memory_flat(session, embed, manifest):
+    limit = 1024  # a model context of 1,024 tokens: a 1-token prompt then 1,023 decode steps fill it
+    dec = decoder(session, embed, dataclasses.replace(manifest.text, max_position_embeddings=limit))
+    logits, cache = dec.prefill(prompt(embed, 1), max_new_tokens=limit - 1)
+    ptrs = cache.data_ptrs()
+    assert cache.capacity == limit and len(set(ptrs)) == 2 * manifest.text.num_layers
+    rss = []
+    for position in range(1, limit):
+        logits, cache = dec.step(int(np.argmax(logits)), position, cache)
+        assert cache.data_ptrs() == ptrs  # written in place, never regrown
+        if position in (64, limit - 1):
+            rss.append(rss_mb(trim=True))
+    assert cache.length == limit and np.isfinite(logits).all()
+    assert rss[1] - rss[0] < 8, f"resident memory grew {rss[1] - rss[0]:.1f} MB over {limit - 65} decode steps"
+    with pytest.raises(GenerationError, match=f"holds {limit} tokens"):
+        dec.step(0, limit, cache)
+
+
+class CountingSession:
+    """An OrtSession stand-in that counts graph runs."""
+
+    def __init__(self, session):
+        self._s, self.runs = session, 0
+        self.inputs, self.outputs, self.session, self.dtype = session.inputs, session.outputs, session.session, session.dtype
+        self.metadata, self.io_binding = session.metadata, session.io_binding
+
+    def run(self, *a, **k):
+        self.runs += 1
+        return self._s.run(*a, **k)
+
+    def run_with_binding(self, binding):
+        self.runs += 1
+        return self._s.run_with_binding(binding)
+
+
+@pytest.mark.parametrize("kind", [SHARED, CONCAT])
+def test_a_request_longer_than_the_context_is_refused_before_any_graph_runs(session, embed, manifest, kind):
+    counting = CountingSession(session)
+    dec = decoder(counting, embed, dataclasses.replace(manifest.text, max_position_embeddings=300), kind)
+    with pytest.raises(GenerationError, match="301 tokens .* exceeds the decoder's 300-token context") as info:
+        dec.prefill(prompt(embed, 201), max_new_tokens=100)
+    assert counting.runs == 0 and "\n" not in str(info.value)
+    logits, cache = dec.prefill(prompt(embed, 200), max_new_tokens=100)  # exactly the context: fine
+    assert counting.runs == 1 and cache.capacity == 300
+
+
+@pytest.mark.parametrize(
+    "providers, device",
+    [
+        (["CPUExecutionProvider"], ("cpu", 0)),
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], ("cuda", 0)),
+        (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], ("cuda", 0)),
+        ([], ("cpu", 0)),
+    ],
+)
+def test_the_cache_lives_on_the_device_of_the_session_provider(providers, device):
+    assert cache_device(providers) == device
+
+
+def test_a_cpu_session_keeps_its_cache_in_cpu_memory(session, embed, manifest):
+    dec = decoder(session, embed, manifest.text)
+    assert session.session.get_providers()[0] == "CPUExecutionProvider" and dec.device == ("cpu", 0)
+    cache = dec.new_cache(8)
+    assert {v.device_name() for v in cache.values} == {"cpu"}
