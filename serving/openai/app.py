@@ -184,33 +184,32 @@ def create_app(load_backend, settings: Settings) -> FastAPI:
         except Full as e:
             raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error",
                            code="server_busy") from None  # fmt: skip
-        job = response = None
+        job = Job(backend, None, call.prompt, call.options, call.stop)
+        state.jobs.add(job)
         try:
-            image = None
-            if call.image_url is not None:
-                image = await state.work(settings.images.fetch, call.image_url, "messages")
-            job = Job(backend, image, call.prompt, call.options, call.stop)
-            state.jobs.add(job)
-            await _run(state, job.open)
+            # one worker hop: the image fetched and decoded, the request checked and prepared (bad input fails
+            # here, before any header goes out) and, unless streamed, the whole answer
+            await _run(state, _start, job, call, settings.images)
             if call.stream:
                 response = _JobStream(state, job, _sse(state, job, call, t0))
-                job = None  # the response owns it now (and frees the slot whatever happens)
+                job = None  # the response owns it now (and frees the slot however it ends)
                 return response
-            await _run(state, _drain, job)
             state.metrics.done(job, t0)
             return _completion(state, job)
         finally:
             if job is not None:
                 await _finish(state, job)
-            elif response is None:  # refused before the job existed (e.g. a bad image URL)
-                state.slots.release()
 
     return app
 
 
-def _drain(job: Job) -> None:
-    while job.next_piece() is not None:
-        pass
+def _start(job: Job, call: Call, images: ImagePolicy) -> None:
+    if call.image_url is not None:
+        job.image = images.fetch(call.image_url, "messages")
+    job.open()
+    if not call.stream:
+        while job.next_piece() is not None:
+            pass
 
 
 async def _run(state: State, fn, *args):
