@@ -45,6 +45,14 @@ class TextStream:
                 self.result = stop.value
                 raise StopIteration(stop.value) from None
 
+    def close(self) -> None:
+        """End the stream now and free its request slot (a client went away); waits for a step in progress."""
+        with self._lock:
+            if self.result is None:
+                self._ended = True
+            self._gen.close()
+            self._release()
+
     def _end(self) -> bool:
         """End the stream unless a thread is advancing it right now (then False: it stops at its next check)."""
         if not self._lock.acquire(blocking=False):

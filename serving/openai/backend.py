@@ -173,10 +173,8 @@ class Job:
         """End the stream now (its Pipeline slot is freed); safe to call twice."""
         with self._lock:
             stream, self.stream = self.stream, None
-            gen = getattr(stream, "_gen", None)
-            close = getattr(stream, "close", None) or getattr(gen, "close", None)
-            if close is not None:
-                close()
+            if stream is not None:
+                stream.close()  # TextStream.close frees the Pipeline slot, started or not; a generator runs `finally`
 
     # ---- the reply's numbers ---------------------------------------------------------------------------
     def completion_tokens(self) -> int:
