@@ -244,6 +244,10 @@ def test_stop_strings_cut_the_text(client, pipe, image):
     want = full[: full.index(stop)]
     r = client.chat.completions.create(model="tiny", messages=[user(PROMPT, image)], max_tokens=16, stop=[stop])
     assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    kept = pipe.generate(image, PROMPT, max_new_tokens=1).visual_tokens["kept"]
+    before, after = pipe.prompt.encode(PROMPT)
+    assert r.usage.prompt_tokens == len(before) + len(after) + kept  # the stream ended early: from its trace
+    assert 1 <= r.usage.completion_tokens < 16
     s = client.chat.completions.create(model="tiny", messages=[user(PROMPT, image)], max_tokens=16, stop=stop,
                                        stream=True)  # fmt: skip
     assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == want
@@ -403,7 +407,7 @@ class GatedBackend:
         self.opened = 0
         self.closed = threading.Semaphore(0)
 
-    def open(self, image, prompt, options):
+    def open(self, image, prompt, options, trace=None):
         self.opened += 1
 
         def gen():

@@ -21,7 +21,7 @@ from typing import Any
 from runtime.errors import HiredError, PromptError
 from runtime.manifest import Manifest
 from runtime.options import RequestOptions
-from runtime.pipeline import GenerationResult
+from runtime.pipeline import GenerationResult, Trace
 from runtime.prompt import Chat, PromptEncoder
 
 # Options passed to Pipeline.stream / RemotePipeline.generate (the keyword set both take)
@@ -49,9 +49,9 @@ class LocalBackend:
 
         return cls(Pipeline.load(artifacts, provider=provider, threads=threads))
 
-    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions):
+    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions, trace=None):
         # one image + one user message: exactly Pipeline.generate(image, text), streamed
-        return self.pipeline.stream(image, prompt, **_keywords(options))
+        return self.pipeline.stream(image, prompt, trace=trace, **_keywords(options))
 
     def close(self) -> None:
         self.pipeline.close()
@@ -73,7 +73,7 @@ class RemoteBackend:
         self.remote = RemotePipeline(address, timeout_s=timeout_s)
         self.address = self.remote.address
 
-    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions):
+    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions, trace=None):
         if image is None or isinstance(prompt, Chat):
             raise PromptError(
                 f"the gateway to {self.address} takes one image and one user message (no system message, earlier "
@@ -105,6 +105,7 @@ class Job:
         self.t_open = 0.0
         self.t_first: float | None = None  # perf_counter of the first text piece
         self.cancel = threading.Event()  # set by the server (shutdown): stop at the next token
+        self.trace: Trace | None = None
         self.finished = False  # the server has closed it and freed its slot
         self._lock = threading.RLock()  # next_piece and close never overlap (close waits for the step)
         self._raw = ""
@@ -113,7 +114,9 @@ class Job:
 
     def open(self) -> None:
         self.t_open = time.perf_counter()
-        self.stream = self.backend.open(self.image, self.prompt, self.options)
+        # with stop strings the stream may be closed before its result: the trace then gives the visual span
+        self.trace = Trace() if self.stop and self.backend.streams else None
+        self.stream = self.backend.open(self.image, self.prompt, self.options, trace=self.trace)
 
     def next_piece(self) -> str | None:
         """The next text piece for the client ('' = nothing to send yet), or None when the answer is complete."""
@@ -150,7 +153,15 @@ class Job:
             out = self._raw[len(self.text) : cut]
             self.text = self._raw[:cut]
             self.finish_reason = "stop"
-            self.close()
+            if self.backend.streams:
+                self.close()  # no more tokens needed
+            else:  # the answer is complete already: keep its result (token counts, facts)
+                while True:
+                    try:
+                        next(self.stream)
+                    except StopIteration as end:
+                        self.result = end.value
+                        break
             return out
         keep = len(self._raw)
         for k in range(
@@ -180,7 +191,16 @@ class Job:
     def completion_tokens(self) -> int:
         if self.result is not None:
             return len(self.result.token_ids)
-        return self._generated  # ended by a stop string: the tokens decoded so far (one piece per token)
+        return self._generated  # ended by a stop string: the text pieces decoded so far (>= 1 token each)
+
+    def visual_tokens(self) -> dict[str, int]:
+        """{before, kept} of the visual span ({0, 0} for a text-only request)."""
+        if self.result is not None:
+            return {k: int(self.result.visual_tokens[k]) for k in ("before", "kept")}
+        trace = getattr(self, "trace", None)
+        if trace is not None and trace.order is not None:
+            return {"before": int(trace.layout.stock_tokens), "kept": int(trace.order.shape[0])}
+        return {"before": 0, "kept": 0}
 
     def prompt_tokens(self) -> int:
         """Text tokens of the prompt + the visual tokens fed to the LLM."""
@@ -188,17 +208,17 @@ class Job:
             before, after = self.backend.prompt.encode(self.prompt, image=self.image is not None)
         except HiredError:
             return 0
-        kept = self.result.visual_tokens.get("kept", 0) if self.result is not None else 0
-        return len(before) + len(after) + int(kept)
+        return len(before) + len(after) + self.visual_tokens()["kept"]
 
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens(), self.completion_tokens()
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def facts(self) -> dict[str, Any] | None:
-        """The HiRED facts of the reply: visual tokens before/kept, budget, timings (None if ended early)."""
+        """The HiRED facts of the reply: visual tokens, budget, timings, provider (only the visual tokens when a
+        stop string ended the stream early)."""
         if self.result is None:
-            return None
+            return {"visual_tokens": self.visual_tokens()}
         d = self.result.to_dict()
         d.pop("text", None)
         d.pop("token_ids", None)
