@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[visual tokens {v['kept']}/{v['before']} (per image {list(v['per_image'])}), budget "
             f"{result.budget['rate']} -> total {result.budget['total']}; vision {t['vision']:.0f} ms, "
-            f"prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms, total {t['total']:.0f} ms on {result.provider}]",
+            f"prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms, total {t['total']:.0f} ms on {result.provider}, "
+            f"weights {result.quant}]",
             file=sys.stderr,
         )
     return 0
