@@ -1,0 +1,199 @@
+"""Token selectors: which visual tokens an image keeps, HiRED's and four others, all on HiRED's budget.
+
+    sel = apply_selector("visionzip", layout, early, late, cfg, features=feats, seed=0)
+    sel.keep     # per image (base first) sorted kept token indices, as select_tokens returns them
+    sel.groups   # merged slots: flat id (image * 576 + token) -> int64 [g] the flat ids it averages
+    order = pack_tokens(sel.keep, layout, cfg)    # HiRED's packing order, whatever the selector
+
+Every selector keeps exactly HiRED's count, plan.kept = min(T, valid tokens) with T = int(n * 576 * rate),
+never a padding token, and returns the kept tokens per image in raster order, so hired/pack.py packs them as
+HiRED's. A merged (VisionZip contextual) token sits at its group's first token in raster order. At rate 1.0
+every selector is the stock model (all valid tokens). Only "hired" reads distribution="official".
+
+- hired:     HiRED (Arif et al., AAAI-25): plan_budget from the base image's early-layer [CLS] attention,
+             top-k per image by late-layer [CLS] attention (select_tokens).
+- cls:       one global top-T by late-layer [CLS] attention over every image's valid tokens, scores compared
+             across images as they are (FasterVLM / VisPruner's [CLS]-only ranking); reads late scores.
+- uniform:   the base image gets B as in HiRED, the crops share T - B in proportion to their valid tokens
+             (largest remainder), top-k by late-layer attention in each: HiRED without its early-layer split.
+- random:    T valid tokens drawn uniformly without replacement by the request's seed (the random-pruning
+             baseline of Wen et al. 2025, "Token pruning in multimodal LLMs: are we solving the right problem?").
+- visionzip: VisionZip (Yang et al., CVPR 2025) dominant + contextual tokens inside HiRED's per-image shares:
+             54/64 of a share are the top tokens by late-layer attention; the rest are contextual tokens, each
+             the mean of a group of the remaining valid tokens grouped by cosine similarity of their
+             feature-layer features (VisionZip groups by last-layer keys; the features are what this bundle
+             has). Reads early and late scores and the features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+
+from hired.budget import BudgetPlan, base_share, plan_budget, requested_total, spatial_split
+from hired.config import HiredConfig
+from hired.layout import AnyresLayout
+from hired.scores import checked_scores, top_k
+from hired.select import select_tokens
+
+SELECTORS = ("hired", "cls", "uniform", "random", "visionzip")
+DOMINANT_SHARE = (54, 64)  # VisionZip's 54 dominant of 64 kept tokens
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one image keeps. plan: per-image counts (plan.total = T); keep: 1 + n_crops sorted int64 arrays;
+    groups: merged slot (flat id image * 576 + token) -> sorted int64 [g] flat ids averaged into it."""
+
+    plan: BudgetPlan
+    keep: list[np.ndarray]
+    groups: Mapping[int, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def valid_candidates(layout: AnyresLayout) -> np.ndarray:
+    """int64 [576 + sum(capacities)]: flat ids (image * 576 + token) of every token that survives unpadding."""
+    t = layout.tokens_per_image
+    valid = np.concatenate([np.ones(t, dtype=bool), layout.valid_mask.reshape(-1)])
+    return np.flatnonzero(valid).astype(np.int64)
+
+
+def split_flat(flat_ids: np.ndarray, layout: AnyresLayout) -> list[np.ndarray]:
+    """Sorted flat ids [k] -> per image sorted token indices (1 + n_crops int64 arrays)."""
+    t = layout.tokens_per_image
+    image = flat_ids // t
+    return [flat_ids[image == i] - i * t for i in range(layout.n_images)]
+
+
+def counts_plan(total: int, keep: list[np.ndarray], distribution: str = "spatial") -> BudgetPlan:
+    """The BudgetPlan that says how many tokens each image of `keep` holds (for selectors without a split)."""
+    return BudgetPlan(total, len(keep[0]), tuple(len(k) for k in keep[1:]), distribution)
+
+
+def select_hired(layout: AnyresLayout, early: np.ndarray, late: np.ndarray, cfg: HiredConfig) -> Selection:
+    """HiRED: early-layer budget plan, late-layer top-k per image (hired.budget + hired.select)."""
+    plan = plan_budget(layout, early[0], cfg)
+    return Selection(plan, select_tokens(late, plan, layout))
+
+
+def select_cls(layout: AnyresLayout, late: np.ndarray, kept: int, total: int) -> Selection:
+    """Global top-`kept` by late-layer [CLS] attention late [n, 576] over all images' valid tokens."""
+    keep = split_flat(top_k(late.reshape(-1), kept, valid_candidates(layout)), layout)
+    return Selection(counts_plan(total, keep), keep)
+
+
+def uniform_plan(layout: AnyresLayout, cfg: HiredConfig) -> BudgetPlan:
+    """B = min(int(T * alpha), 576) for the base image; the crops share T - B in proportion to their valid
+    tokens (water-filling, largest remainder), what they cannot hold back to the base image."""
+    t = layout.tokens_per_image
+    total = requested_total(layout.n_images, t, cfg.rate)
+    base = base_share(total, cfg.alpha, t)
+    capacities = layout.capacities
+    crops, leftover = spatial_split(total - base, capacities.astype(np.float64), capacities)
+    return BudgetPlan(total, min(base + leftover, t), crops, "spatial")
+
+
+def select_uniform(layout: AnyresLayout, late: np.ndarray, cfg: HiredConfig) -> Selection:
+    """Capacity-proportional plan (uniform_plan), then top-k per image by late-layer attention."""
+    plan = uniform_plan(layout, cfg)
+    return Selection(plan, select_tokens(late, plan, layout))
+
+
+def select_random(layout: AnyresLayout, kept: int, total: int, seed: int | None) -> Selection:
+    """`kept` valid tokens drawn uniformly without replacement; the same seed draws the same tokens."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(valid_candidates(layout), size=kept, replace=False)).astype(np.int64)
+    keep = split_flat(chosen, layout)
+    return Selection(counts_plan(total, keep), keep)
+
+
+def contextual_groups(features: np.ndarray, n_groups: int) -> np.ndarray:
+    """int64 [R]: group of each of R tokens' features [R, D], in [0, n_groups) (VisionZip's merging).
+
+    n_groups targets are evenly spaced (every R // n_groups-th token); every other token joins the target of
+    highest cosine similarity (ties to the lower target). Requires 1 <= n_groups <= R.
+    """
+    r = features.shape[0]
+    if not 1 <= n_groups <= r:
+        raise ValueError(f"cannot form {n_groups} groups from {r} tokens")
+    targets = np.arange(0, r, max(1, r // n_groups))[:n_groups]
+    x = features.astype(np.float32, copy=False)
+    tf = x[targets]
+    norms = np.linalg.norm(tf, axis=1)
+    tf = tf / np.where(norms > 0, norms, 1.0)[:, None]
+    labels = np.argmax(x @ tf.T, axis=1)  # |x| is the same for every target, so no need to divide by it
+    labels[targets] = np.arange(n_groups)
+    return labels.astype(np.int64)
+
+
+def dominant_count(share: int) -> int:
+    """Dominant tokens of a share: floor(share * 54 / 64); the other tokens of the share are contextual."""
+    return share * DOMINANT_SHARE[0] // DOMINANT_SHARE[1]
+
+
+def select_dominant_contextual(
+    layout: AnyresLayout, early: np.ndarray, late: np.ndarray, features: np.ndarray, cfg: HiredConfig
+) -> Selection:
+    """VisionZip inside HiRED's plan: per image, the dominant top tokens by late score [n, 576], then
+    contextual groups of the remaining valid tokens by cosine similarity of features [n, 576, D]."""
+    plan = plan_budget(layout, early[0], cfg)
+    t = layout.tokens_per_image
+    keep, groups = [], {}
+    for i, share in enumerate((plan.base, *plan.crops)):
+        valid = np.arange(t) if i == 0 else np.flatnonzero(layout.valid_mask[i - 1])
+        dominant = top_k(late[i], dominant_count(share), valid)
+        n_context = share - dominant.shape[0]
+        rest = np.setdiff1d(valid, dominant, assume_unique=True)  # sorted, raster order
+        slots = [dominant]
+        if n_context:
+            labels = contextual_groups(features[i, rest], n_context)
+            for g in range(n_context):
+                members = rest[labels == g]  # sorted: the first is the slot the merged token takes
+                groups[i * t + int(members[0])] = members + i * t
+                slots.append(members[:1])
+        keep.append(np.sort(np.concatenate(slots)).astype(np.int64))
+    return Selection(plan, keep, MappingProxyType(groups))
+
+
+def apply_selector(
+    name: str,
+    layout: AnyresLayout,
+    early_scores: object,
+    late_scores: object,
+    cfg: HiredConfig,
+    *,
+    features: object = None,
+    seed: int | None = None,
+) -> Selection:
+    """The tokens selector `name` keeps of one image.
+
+    early_scores, late_scores: [1 + n_crops, 576] CLS attention (finite, >= 0); features: [1 + n_crops, 576, D]
+    feature-layer features (visionzip only); seed: the random selector's seed (None: fresh entropy).
+    Raises ValueError for an unknown selector, unusable scores, or distribution="official" with a selector
+    other than hired (the published code's split is HiRED's own).
+    """
+    if name not in SELECTORS:
+        raise ValueError(f"selector must be one of {', '.join(SELECTORS)}; got {name!r}")
+    shape = (layout.n_images, layout.tokens_per_image)
+    early = checked_scores(early_scores, shape, "early_scores", np.float32)
+    late = checked_scores(late_scores, shape, "late_scores", np.float32)
+    if name == "hired" or cfg.is_stock:
+        return select_hired(layout, early, late, cfg)
+    if cfg.distribution == "official":
+        raise ValueError(f'distribution="official" is HiRED\'s published split; use selector="hired" with it, '
+                         f'or distribution="spatial" with selector={name!r}')  # fmt: skip
+    if name == "uniform":
+        return select_uniform(layout, late, cfg)
+    if name == "visionzip":
+        feats = np.asarray(features) if features is not None else None
+        if feats is None or feats.ndim != 3 or feats.shape[:2] != shape:
+            got = "none" if feats is None else list(feats.shape)
+            raise ValueError(f"visionzip needs features of shape [{shape[0]}, {shape[1]}, D], got {got}")
+        return select_dominant_contextual(layout, early, late, feats, cfg)
+    total = requested_total(layout.n_images, layout.tokens_per_image, cfg.rate)
+    kept = min(total, layout.tokens_per_image + int(layout.capacities.sum()))
+    if name == "cls":
+        return select_cls(layout, late, kept, total)
+    return select_random(layout, kept, total, seed)
