@@ -243,6 +243,42 @@ def child(engine: str, folder: Path, length: int, new_tokens: int, threads: int)
     }
 
 
+def fidelity(paths: dict[str, Path], length: int, threads: int, new_tokens: int = 16) -> dict:
+    """Quantized project decoders against the float one on the same prompt ids: cosine of the prefill's
+    last-position logits and greedy agreement (share of the first `new_tokens` positions with the same token)."""
+    import numpy as np
+
+    from runtime.decoder import Decoder
+    from runtime.manifest import Manifest
+    from runtime.session import OrtSession
+
+    def run(folder: Path):
+        m = Manifest.from_file(folder)
+        embed = np.load(m.path("embed_tokens"), mmap_mode="r")
+        dec = Decoder(OrtSession.from_manifest(m, "decoder", threads=threads), embed, m.text)
+        ids = _prompt_ids(length, int(m.text.vocab_size))
+        sized = "max_new_tokens" in inspect.signature(dec.prefill).parameters
+        embeds = np.ascontiguousarray(embed[ids])
+        logits, state = dec.prefill(embeds, max_new_tokens=new_tokens) if sized else dec.prefill(embeds)
+        first = np.asarray(logits, dtype=np.float64).copy()
+        tokens = [int(np.argmax(logits))]
+        for i in range(new_tokens - 1):
+            logits, state = dec.step(tokens[-1], length + i, state)
+            tokens.append(int(np.argmax(logits)))
+        return first, tokens
+
+    base_logits, base_tokens = run(paths["project-none"])
+    out = {}
+    for engine in ("project-int8", "project-int4"):
+        if engine in paths:
+            logits, tokens = run(paths[engine])
+            cos = float(logits @ base_logits / (np.linalg.norm(logits) * np.linalg.norm(base_logits)))
+            agree = sum(a == b for a, b in zip(tokens, base_tokens)) / new_tokens
+            first_diff = next((i for i, (a, b) in enumerate(zip(tokens, base_tokens)) if a != b), None)
+            out[engine] = {"cosine": round(cos, 5), "greedy_agreement": agree, "first_difference": first_diff}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- rounds
 def measure(paths: dict[str, Path], lengths: dict[float, int], rounds: int, new_tokens: int, threads: int) -> list[dict]:
     """Interleaved rounds: every (engine, length) once per round, the engine order rotating; one process each."""
@@ -329,9 +365,19 @@ def run(checkpoint: Path, work: Path, engines: list[str], rounds: int, new_token
     _say(f"prompt lengths {by_budget}, {rounds} rounds, {new_tokens} new tokens, {threads} threads")
     runs = measure(paths, by_budget, rounds, new_tokens, threads)
     rows, ratios = summarize(runs, paths)
+    quality = {}
+    if "project-none" in paths and any(e in paths for e in ("project-int8", "project-int4")):
+        for length in by_budget.values():
+            cmd = [sys.executable, "-m", "bench.llm_peer", "--child", "fidelity", "--folder", str(work),
+                   "--length", str(length), "--threads", str(threads), "--engines", ",".join(paths)]
+            done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"[bench.llm_peer] fidelity at {length} tokens failed:\n{done.stderr[-2000:]}")
+            quality[str(length)] = json.loads(done.stdout.strip().splitlines()[-1])
+            _say(f"fidelity at {length} tokens: {quality[str(length)]}")
     return {
         "checkpoint": str(checkpoint), "rounds": rounds, "new_tokens": new_tokens, "threads": threads,
-        "lengths": {str(k): v for k, v in by_budget.items()}, "rows": rows, "ratios": ratios,
+        "lengths": {str(k): v for k, v in by_budget.items()}, "rows": rows, "ratios": ratios, "fidelity": quality,
         "greedy_agreement_vs_genai_fp32": {e: greedy_agreement(runs, e, "genai-fp32") for e in engines
                                            if e != "genai-fp32"},
         "runs": runs,
@@ -356,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.child == "fidelity":  # --folder is the work folder; --engines the built engines
+        paths = {e: args.folder / e for e in args.engines.split(",")}
+        print(json.dumps(fidelity(paths, args.length, args.threads)))
+        return 0
     if args.child:
         print(json.dumps(child(args.child, args.folder, args.length, args.new_tokens, args.threads)))
         return 0
@@ -369,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
     record = run(args.checkpoint.resolve(), work.resolve(), engines, args.rounds, args.new_tokens, args.threads, lengths)
     print("\n".join(table_lines(record["rows"], record["ratios"])))
+    for length, q in record["fidelity"].items():
+        for engine, f in q.items():
+            print(f"fidelity @ {int(length):,}: {engine} vs project-none: prefill logits cosine {f['cosine']:.4f}, "
+                  f"greedy agreement {f['greedy_agreement']:.0%} of 16 tokens (first difference at {f['first_difference']})")
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
     return 0
