@@ -12,7 +12,6 @@ vision.onnx + its kept tokens through projector.onnx in onnxruntime. A 7B model 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import ExportError
+from export.quiet import stderr_log
 from export.watchdog import rss_bytes
 from runtime.manifest import Manifest
-
-
-def stderr_log(msg: str) -> None:
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
 def expected_io(manifest: Manifest) -> dict[str, dict[str, tuple[list, str]]]:

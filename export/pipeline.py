@@ -15,7 +15,6 @@ untouched. Library warnings nobody can act on are filtered for the export's dura
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,16 +41,12 @@ from export.defaults import (
     default_dtype,
 )
 from export.errors import ExportError, ExportInterrupted, VerificationError
-from export.quiet import quiet_export
+from export.quiet import quiet_export, stderr_log
 from export.spec import GRAPH_FILES, vision_layers
 from export.staging import Staging, check_out
 from runtime.manifest import Manifest, ModelInfo
 
 QUANTS = ("none", "int8", "int4")
-
-
-def stderr_log(msg: str) -> None:
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -261,8 +256,6 @@ def export_model(
 
                 if needs_streaming(model_config(model)[0]):  # float32 weights > RAM / 3
                     route = "streaming"
-            if route == "streaming" and quant != "none":
-                raise ExportError("--quant is not available on the streaming route yet; export without --quant")
             chosen = default_dtype(route) if dtype is None else dtype
             log = _first_line(
                 log,
@@ -274,7 +267,8 @@ def export_model(
             with stage:
                 if route == "streaming":
                     _export_streaming(model, stage, dtype=chosen, opset=opset, seed=seed, verify=verify,
-                                      memory_limit_gib=memory_limit_gib, log=log)  # fmt: skip
+                                      memory_limit_gib=memory_limit_gib, log=log, quant=quant,
+                                      block_size=block_size)  # fmt: skip
                 else:
                     _export_in_memory(model, stage, random_weights=random_weights, dtype=chosen, opset=opset,
                                       seed=seed, verify=verify, quant=quant, block_size=block_size, log=log)  # fmt: skip
@@ -331,12 +325,15 @@ def _export_in_memory(model, stage: Staging, *, random_weights, dtype, opset, se
         quantize_bundle(stage.path, quant, block_size, log=log)
 
 
-def _export_streaming(model, stage: Staging, *, dtype, opset, seed, verify, memory_limit_gib, log):
-    """Write a seeded random-weight bundle from the meta device into `stage.path`; check it if asked."""
+def _export_streaming(model, stage: Staging, *, dtype, opset, seed, verify, memory_limit_gib, log, quant="none",
+                      block_size=32):
+    """Write a seeded random-weight bundle from the meta device into `stage.path` (its decoder quantized while
+    written when `quant` asks); check it if asked."""
     from export.stream import write_streaming
 
     write_streaming(
-        stage.path, model, dtype, opset, seed, memory_limit_gib=memory_limit_gib, log=log, on_abort=stage.discard
+        stage.path, model, dtype, opset, seed, memory_limit_gib=memory_limit_gib, log=log, on_abort=stage.discard,
+        quant=quant, block_size=block_size,
     )
     if verify:  # torch cannot hold the model on this machine: structural checks + one vision run
         from export.check import check_bundle

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +60,7 @@ from export.meta import (
     param_inits,
     trace_graph,
 )
-from export.quiet import quiet_export
+from export.quiet import quiet_export, stderr_log
 from export.spec import DATA_SUFFIX, GRAPH_FILES, OTHER_FILES
 from export.staging import Staging
 from export.watchdog import MemoryWatchdog
@@ -69,16 +68,12 @@ from runtime.manifest import MANIFEST_NAME, Manifest, ModelInfo, sha256_file
 
 ALIGNMENT = 4096  # external-data offsets of tensors >= ALIGN_THRESHOLD are page aligned (mmap-friendly)
 ALIGN_THRESHOLD = 1 << 20
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+AS_TORCH = {"fp32": torch.float32, "fp16": torch.float16}
+AS_NUMPY = {"fp32": np.float32, "fp16": np.float16}
 ROUTE = "streaming: meta-device graphs, weights streamed to external data"
 
 Log = Callable[[str], None]
 Transform = Callable[[WeightSpec, np.ndarray], np.ndarray]  # per-tensor hook: (spec, values) -> values to write
-
-
-def stderr_log(msg: str) -> None:
-    print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -235,10 +230,14 @@ def write_streaming(
     transform: Transform | None = None,
     log: Log | None = stderr_log,
     on_abort: Callable[[], None] | None = None,
+    quant: str = "none",
+    block_size: int = 32,
 ) -> tuple[dict[str, str], int]:
     """The streaming route's files, written into the empty (staging) `folder`: ({logical: file}, peak RSS bytes).
 
     `on_abort` runs when the memory watchdog ends the process (e.g. deleting the staging folder).
+    `quant` "int8"/"int4": the decoder's linear weights are quantized one by one as they are written
+    (export.quantize.plan_streaming), so the float decoder is never held.
     """
     say = log or (lambda _msg: None)
     dtype = default_dtype("streaming") if dtype is None else dtype
@@ -252,7 +251,7 @@ def write_streaming(
     with MemoryWatchdog(int(memory_limit_gib * 2**30), on_abort=on_abort) as watchdog:
         watchdog.stage = "build"
         t0 = time.perf_counter()
-        model, buffers = meta_model(config, TORCH_DTYPES[dtype])
+        model, buffers = meta_model(config, AS_TORCH[dtype])
         n_params = sum(p.numel() for p in model.parameters())
         times["build"] = round(time.perf_counter() - t0, 2)
         say(f"{label}: {n_params / 1e9:.2f} B parameters on the meta device ({dtype}) in {times['build']:.1f} s")
@@ -265,7 +264,17 @@ def write_streaming(
             onnx_model, specs = trace_graph(model, graph, buffers, opset)
             t1 = time.perf_counter()
             watchdog.stage = f"write {graph}"
-            sha256.update(write_graph(onnx_model, specs, folder, graph, fill, transform=transform))
+            hook = transform
+            if graph == "decoder" and quant != "none":
+                from export.quantize import plan_streaming
+
+                specs, hook = plan_streaming(onnx_model, specs, quant, block_size)
+            sha256.update(write_graph(onnx_model, specs, folder, graph, fill, transform=hook))
+            if graph == "decoder":  # GroupQueryAttention on the saved graph (export/decoder.py); weights untouched
+                from export.decoder import rewrite_attention
+
+                rewrite_attention(folder / GRAPH_FILES[graph], config.text_config)
+                sha256[graph] = sha256_file(folder / GRAPH_FILES[graph])
             del onnx_model, specs
             files[graph] = GRAPH_FILES[graph]
             files[f"{graph}_data"] = GRAPH_FILES[graph] + DATA_SUFFIX
@@ -285,7 +294,7 @@ def write_streaming(
             ("image_newline", model.model.image_newline),
         ):
             init = inits[id(param)]
-            spec = WeightSpec(init.name, tuple(param.shape), np.dtype(NUMPY_DTYPES[dtype]), init.kind, init.std)
+            spec = WeightSpec(init.name, tuple(param.shape), np.dtype(AS_NUMPY[dtype]), init.kind, init.std)
             sha256[logical] = write_npy(folder / OTHER_FILES[logical], spec, fill)
             files[logical] = OTHER_FILES[logical]
         times["embeddings"] = round(time.perf_counter() - t0, 2)
@@ -323,6 +332,10 @@ def write_streaming(
             tokenizer_json=tokenizer_json,
             export_info=extra,
         )
+        if quant != "none":
+            from export.quantize import with_quant
+
+            manifest = with_quant(manifest, quant, block_size)
         manifest.to_file(folder / MANIFEST_NAME)
         Manifest.from_file(folder, verify=False)  # keys and types; the hashes were computed while writing
     return files, watchdog.peak

@@ -30,7 +30,7 @@ from models.tokenizer import build_offline_tokenizer, offline_sp_model_path
 
 PROMPT_FILE = "prompt_template.json"
 BUILD_INFO_FILE = "build_info.json"
-TORCH_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names a checkpoint may be built in
+CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names a checkpoint may be built in
 LARGE_PARAMS = 1_000_000_000  # warn above this many parameters
 
 RESAMPLE_BICUBIC = 3
@@ -67,8 +67,8 @@ def random_model(config, *, seed: int = 0, dtype: str = "float32"):
     import torch
     from transformers import LlavaNextForConditionalGeneration
 
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {TORCH_DTYPES}, got {dtype!r}")
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ValueError(f"dtype must be one of {CHECKPOINT_DTYPES}, got {dtype!r}")
     torch_dtype = getattr(torch, dtype)
     config.dtype = torch_dtype
     config.text_config.dtype = torch_dtype
@@ -177,8 +177,8 @@ def build_checkpoint(
     """
     say = log or (lambda _msg: None)
     entry = registry.get(name)
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {TORCH_DTYPES}, got {dtype!r}")
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ValueError(f"dtype must be one of {CHECKPOINT_DTYPES}, got {dtype!r}")
     out = Path(out)
     _refuse_existing(out, force)
     t0 = time.perf_counter()
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: checkpoints/<name>)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the random weights (default 0)")
-    parser.add_argument("--dtype", choices=TORCH_DTYPES, default="float32", help="weight dtype (default float32)")
+    parser.add_argument("--dtype", choices=CHECKPOINT_DTYPES, default="float32", help="weight dtype (default float32)")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else Path("checkpoints") / args.name
     try:

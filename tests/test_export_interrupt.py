@@ -5,7 +5,8 @@ runs `python -m export --model <tiny checkpoint> --out DIR --force`, then sends 
 a random moment: early (a random delay after the model is loaded, while graphs are being written) or late
 (just as the manifest is written, around the move into place). Afterwards DIR holds the old bundle, the new
 one, or nothing; whatever loads (hash-checked) must give the reference answer. SIGINT and SIGTERM leave no
-temp folders; SIGKILL, which no process can clean up after, may leave only hidden (dot) folders.
+temp folders and exit 130 with a line that says what is on disk (never "nothing was written" when the new bundle
+is in place); SIGKILL, which no process can clean up after, may leave only hidden (dot) folders.
 
 The runs go in parallel (the export is mostly single-threaded tracing), so the whole test takes about one
 export. Delays come from a fixed seed; set HIRED_EXPORT_KILL_SEED to draw others.
@@ -107,6 +108,7 @@ def answer(folder: Path, image: np.ndarray) -> tuple[int, ...]:
         return pipe.generate(image, PROMPT, max_new_tokens=2).token_ids
 
 
+@pytest.mark.slow
 def test_interrupted_exports_leave_the_old_bundle_the_new_one_or_none_and_never_a_wrong_one(
     tiny_checkpoint, tiny_bundle, tmp_path
 ):
@@ -156,6 +158,13 @@ def test_interrupted_exports_leave_the_old_bundle_the_new_one_or_none_and_never_
                             pass
         if run.sig in (signal.SIGINT, signal.SIGTERM):
             assert leftovers == [], f"{name}: a clean stop left {leftovers} beside the bundle"
+            if run.sent_at is not None and run.returncode == 130:  # the last line says what is on disk
+                said = run.lines[-1]
+                assert said.startswith("error: interrupted"), f"{name}: {log}"
+                if state == "new":
+                    assert "holds the new, complete bundle" in said and "nothing was written" not in said, said
+                else:
+                    assert "nothing was written" in said and "previous bundle" in said, said
         else:
             assert all(p.startswith(".") for p in leftovers), f"{name}: visible leftovers {leftovers}"
         sent = "finished first" if run.sent_at is None else f"signal at {run.sent_at:.1f} s"
