@@ -264,6 +264,20 @@ def test_file_urls_under_allow_files_and_neutral_openai_fields(client, pipe, ima
     assert r.choices[0].message.content == want
 
 
+def test_server_hired_defaults_apply_to_requests_that_send_none(pipe, image):
+    server = LiveServer(create_app(lambda: Borrowed(pipe), Settings(hired_defaults={"budget": 1.0})))
+    try:
+        with server.client() as c:
+            r = c.chat.completions.create(model="tiny", messages=[user(PROMPT, image)], max_tokens=4)
+            assert r.model_extra["hired"]["budget"]["rate"] == 1.0
+            assert r.choices[0].message.content == pipe.generate(image, PROMPT, max_new_tokens=4, budget=1.0).text
+            r = c.chat.completions.create(model="tiny", messages=[user(PROMPT, image)], max_tokens=4,
+                                          extra_body={"hired": {"budget": 0.2}})  # fmt: skip
+            assert r.model_extra["hired"]["budget"]["rate"] == 0.2
+    finally:
+        server.stop()
+
+
 # ---- errors ---------------------------------------------------------------------------------------------
 def err_case(**changes):
     def build(image):

@@ -20,6 +20,9 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from hired import HiredConfig
+from runtime.errors import HiredError
+from runtime.options import RequestOptions
 from serving.openai.app import DEFAULT_MAX_BODY, Settings, allowed_files, create_app
 from serving.openai.images import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S, ImagePolicy
 
@@ -41,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-files", metavar="DIR", help="serve file:// image URLs from under DIR")
     p.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    p.add_argument("--budget", type=float, help="HiRED budget of requests that send none (default: the bundle's)")
+    p.add_argument("--alpha", type=float, help="HiRED alpha of requests that send none (default: the bundle's)")
     p.add_argument("--provider", default="cpu", help="local backend: cpu, cuda or tensorrt")
     p.add_argument("--threads", type=int, help="local backend: onnxruntime intra-op threads")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / MB, help="request body limit (413)")
@@ -51,6 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not is_loopback(a.host) and not a.allow_remote:
         p.error(f"--host {a.host} is reachable from other machines; add --allow-remote (and --api-key) to mean it")
+    try:
+        RequestOptions(budget=a.budget, alpha=a.alpha).hired_config(HiredConfig())
+    except HiredError as e:
+        p.error(str(e))
     if a.max_concurrency < 1 or a.max_queue < 0:
         p.error("--max-concurrency must be >= 1 and --max-queue >= 0")
     if not a.backend == "local" and not a.backend.startswith(("grpc://", "http://")):
@@ -88,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         images=ImagePolicy(allow_files=allowed_files(a.allow_files), allow_url_fetch=a.allow_url_fetch,
                            max_bytes=int(a.max_image_mb * MB), timeout_s=a.fetch_timeout),  # fmt: skip
         shutdown_grace_s=a.shutdown_grace,
+        hired_defaults={k: v for k, v in (("budget", a.budget), ("alpha", a.alpha)) if v is not None},
     )
     app = create_app(load, settings)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,

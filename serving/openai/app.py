@@ -47,6 +47,7 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     images: ImagePolicy = field(default_factory=ImagePolicy)
     shutdown_grace_s: float = 10.0  # on SIGTERM, requests still running after this are cancelled
+    hired_defaults: dict[str, Any] = field(default_factory=dict)  # HiRED options of requests that omit them
 
 
 class State:
@@ -178,7 +179,7 @@ def create_app(load_backend, settings: Settings) -> FastAPI:
         if req.model is not None and req.model != state.model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server has {state.model_name!r}",
                            type="not_found_error", param="model", code="model_not_found")  # fmt: skip
-        call = to_call(req)
+        call = to_call(req, settings.hired_defaults)
         try:
             await state.slots.acquire()
         except Full as e:

@@ -191,7 +191,7 @@ class Call:
     include_usage: bool
 
 
-def to_call(req: ChatRequest) -> Call:
+def to_call(req: ChatRequest, hired_defaults: dict[str, Any] | None = None) -> Call:
     """The runtime call of a request. The text parts of a message are joined with a newline in order; the one image
     (LLaVA-NeXT: one per request) fills its turn's image slot; one user message without a system message is the
     plain `Pipeline.generate(image, text)` prompt."""
@@ -240,15 +240,16 @@ def to_call(req: ChatRequest) -> Call:
     return Call(
         image_url=image_url,
         prompt=prompt,
-        options=options_of(req),
+        options=options_of(req, hired_defaults),
         stop=_stops(req.stop),
         stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
     )
 
 
-def options_of(req: ChatRequest) -> RequestOptions:
-    """RequestOptions from the sampling fields and the `hired` object, checked by RequestOptions."""
+def options_of(req: ChatRequest, hired_defaults: dict[str, Any] | None = None) -> RequestOptions:
+    """RequestOptions from the sampling fields and the `hired` object (over the server's `hired_defaults`, e.g.
+    `--budget`), checked by RequestOptions."""
     if (
         req.max_tokens is not None
         and req.max_completion_tokens is not None
@@ -256,7 +257,7 @@ def options_of(req: ChatRequest) -> RequestOptions:
     ):
         raise bad_request("max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    hired = req.hired or {}
+    hired = {**(hired_defaults or {}), **(req.hired or {})}
     unknown = sorted(set(hired) - set(HIRED_KEYS))
     if unknown:
         raise bad_request(
