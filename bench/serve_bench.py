@@ -6,6 +6,9 @@
 Every client is a thread sending one request after another (the same VGA frame, greedy, --max-new-tokens);
 "local" threads share one in-process Pipeline, "served" threads share one RemotePipeline. The server is
 started here on free loopback ports (its serving venv is created first if needed) and stopped at the end.
+The OpenAI rows: `python -m serving.openai` (local backend) on a free port, asked through the official openai
+client with the frame as a PNG data URL; "local Pipeline, PNG bytes" decodes the same PNG, so the difference
+between those two rows is the front door's overhead (HTTP, JSON, base64, the event loop, the worker hop).
 Server and clients share this machine's cores, so on a small CPU box the served numbers include the
 clients' own work. Each row's requests run in --rounds interleaved rounds (engine order rotating), so a
 change in the machine's load during the run hits every engine alike; the load average is printed. Prints a markdown table: requests/s over the whole run, p50/p95 latency per request.
@@ -14,6 +17,8 @@ change in the machine's load during the run hits every engine alike; the load av
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import signal
@@ -147,6 +152,69 @@ class Server:
         self.log.close()
 
 
+class OpenAIServer:
+    """`python -m serving.openai` (local backend) as a subprocess on a free loopback port; `ask` is one greedy
+    chat request with the image as a PNG data URL, through the official openai client."""
+
+    def __init__(self, artifacts: str, max_concurrency: int):
+        (self.port,) = free_ports(1)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="openai-bench-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "serving.openai", "--artifacts", artifacts, "--port", str(self.port),
+               "--max-concurrency", str(max_concurrency), "--log-level", "warning"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = self.model = None
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        import httpx
+        import openai
+
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serving.openai exited with {self.proc.returncode}; log: {self.log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"serving.openai not ready in {timeout_s:.0f} s; log: {self.log.name}")
+            time.sleep(0.3)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
+                                    http_client=httpx.Client(limits=limits, timeout=300))  # fmt: skip
+        self.model = self.client.models.list().data[0].id
+
+    def ask(self, image_png: bytes, prompt: str, max_new_tokens: int):
+        url = "data:image/png;base64," + base64.b64encode(image_png).decode()
+        content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]
+        messages = [{"role": "user", "content": content}]
+        return self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=0
+        )
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_tokens: int, height: int, width: int,
           warmup: int = 2, rounds: int = 3, say: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     from runtime.pipeline import Pipeline
@@ -154,12 +222,20 @@ def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_toke
 
     image = synthetic_image(width=width, height=height)
     server = Server(artifacts, max_batch=max(clients))
+    front = OpenAIServer(artifacts, max_concurrency=max(clients))
+    png = png_bytes(image)  # what an OpenAI client sends; the "PNG" local row decodes the same bytes
     rows = []
     try:
         with Pipeline.load(artifacts) as pipe:
             want = pipe.generate(image, PROMPT, max_new_tokens=max_new_tokens).token_ids
             say(f"local Pipeline loaded ({pipe.provider}); waiting for the server (log: {server.log.name})")
             server.wait_ready()
+            front.wait_ready()
+            answer = front.ask(png, PROMPT, max_new_tokens)
+            alone = pipe.generate(png, PROMPT, max_new_tokens=max_new_tokens)
+            got = (answer.choices[0].message.content, answer.usage.completion_tokens)
+            if got != (alone.text, len(alone.token_ids)):
+                raise RuntimeError(f"the OpenAI API gave (text, tokens) {got}, the local Pipeline {alone.text!r}")
             remotes = {
                 "served, gRPC": RemotePipeline(f"127.0.0.1:{server.grpc}"),
                 "served, HTTP": RemotePipeline(f"http://127.0.0.1:{server.http}"),
@@ -176,6 +252,8 @@ def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_toke
                     )
                     for name, engine in engines.items()
                 }
+                calls["local Pipeline, PNG bytes"] = lambda: pipe.generate(png, PROMPT, max_new_tokens=max_new_tokens)
+                calls["OpenAI API, PNG data URL"] = lambda: front.ask(png, PROMPT, max_new_tokens)
                 for call in calls.values():
                     for _ in range(warmup):
                         call()
@@ -195,6 +273,7 @@ def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_toke
                 remote.close()
     finally:
         server.stop()
+        front.stop()
     return rows
 
 
