@@ -71,10 +71,10 @@ eval: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifes
 # Serving (Triton): the first `make serve` creates .venv-serve (numpy<2 + PyTriton), a cache `clean` keeps.
 TRITON_REPO ?= triton-repo
 serve: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
-	$(PYTHON) -m runtime.serve --artifacts $(ARTIFACTS)
+	$(PYTHON) -m serving --artifacts $(ARTIFACTS)
 
 triton-repo: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
-	$(PYTHON) -m export.triton_repo --artifacts $(ARTIFACTS) --out $(TRITON_REPO) --force
+	$(PYTHON) -m serving.triton_repo --artifacts $(ARTIFACTS) --out $(TRITON_REPO) --force
 
 serve-bench: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manifest.json)
 	$(PYTHON) -m bench.serve_bench --artifacts $(ARTIFACTS)

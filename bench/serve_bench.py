@@ -1,4 +1,4 @@
-"""Serving throughput and latency: the local Pipeline against `python -m runtime.serve` (gRPC and HTTP), same run.
+"""Serving throughput and latency: the local Pipeline against `python -m serving` (gRPC and HTTP), same run.
 
     python -m bench.serve_bench --artifacts artifacts/tiny                  # 1 and 8 clients, 24 requests each
     python -m bench.serve_bench --artifacts DIR --clients 1 4 16 --requests 48 --json bench-results/serve.json
@@ -114,30 +114,30 @@ def free_ports(n: int) -> list[int]:
 
 
 class Server:
-    """`python -m runtime.serve` as a subprocess on free loopback ports; stopped with SIGTERM on exit."""
+    """`python -m serving` as a subprocess on free loopback ports; stopped with SIGTERM on exit."""
 
     def __init__(self, artifacts: str, max_batch: int):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-bench-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "runtime.serve", "--artifacts", artifacts, "--http-port", str(self.http),
+        cmd = [sys.executable, "-m", "serving", "--artifacts", artifacts, "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--max-batch", str(max_batch)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         from runtime.errors import RemoteError
-        from runtime.remote import RemotePipeline
+        from serving import RemotePipeline
 
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"runtime.serve exited with {self.proc.returncode}; log: {self.log.name}")
+                raise RuntimeError(f"python -m serving exited with {self.proc.returncode}; log: {self.log.name}")
             try:
                 RemotePipeline(f"127.0.0.1:{self.grpc}", timeout_s=5).close()
                 return
             except RemoteError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"runtime.serve not ready in {timeout_s:.0f} s; log: {self.log.name}"
+                        f"python -m serving not ready in {timeout_s:.0f} s; log: {self.log.name}"
                     ) from None
                 time.sleep(0.3)
 
@@ -218,7 +218,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 def bench(artifacts: str, *, clients: Sequence[int], requests: int, max_new_tokens: int, height: int, width: int,
           warmup: int = 2, rounds: int = 3, say: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
     from runtime.pipeline import Pipeline
-    from runtime.remote import RemotePipeline
+    from serving import RemotePipeline
 
     image = synthetic_image(width=width, height=height)
     server = Server(artifacts, max_batch=max(clients))

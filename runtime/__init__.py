@@ -19,7 +19,6 @@ from runtime.errors import (
 __all__ = [
     "Pipeline",
     "GenerationResult",
-    "RemotePipeline",
     "HiredError",
     "BundleError",
     "ImageError",
@@ -38,8 +37,4 @@ def __getattr__(name):
         from runtime import pipeline
 
         return getattr(pipeline, name)
-    if name == "RemotePipeline":
-        from runtime.remote import RemotePipeline
-
-        return RemotePipeline
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -1,6 +1,7 @@
-"""export.triton_repo: every config.pbtxt is a valid Triton ModelConfig whose tensors match the tiny bundle's ONNX
-graphs; the entry point speaks runtime.serve's protocol; and the repository, with CPU stand-ins for the
-onnxruntime backend, really serves the local Pipeline's tokens on PyTriton's bundled tritonserver."""
+"""serving.triton_repo: every config.pbtxt is a valid Triton ModelConfig whose tensors match the tiny bundle's ONNX
+graphs; the entry point speaks serving.protocol's tensors and carries every project module it imports; and the
+repository, with CPU stand-ins for the onnxruntime backend, really serves the local Pipeline's tokens on PyTriton's
+bundled tritonserver (a `slow` test)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,24 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import tritonclient.grpc as tritonclient_grpc
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from bench.serve_bench import free_ports
-from export.triton_repo import RepoError, RepoOptions, external_data_files, main, write_repo
 from runtime.errors import ImageError, RemoteError
 from runtime.manifest import Manifest, sha256_file
 from runtime.pipeline import Pipeline
-from runtime.remote import RemotePipeline
-from runtime.serve import INPUTS, OUTPUTS
+from serving import RemotePipeline
+from serving.protocol import INPUTS, OUTPUTS
+from serving.triton_repo import RepoError, RepoOptions, code_modules, external_data_files, main, write_repo
+from tests.serving_helpers import ROOT, free_ports, serving_venv_or_skip
 
 GRAPHS = ("vision", "projector", "decoder")
 TRITON_TYPE = {
@@ -161,9 +164,28 @@ def test_model_files_are_the_bundles_own(repo, tiny_bundle):
     assert Manifest.from_file(bundle, verify=False) == manifest
     wiring = json.loads((repo / "hired" / "1" / "graphs.json").read_text())
     assert wiring["vision"] == {"model": "vision", "input_dtypes": {"pixel_values": "float32"}}
-    for module in ("model.py", "runtime/pipeline.py", "runtime/serve.py", "hired/__init__.py"):
+    for module in ("model.py", "runtime/pipeline.py", "serving/protocol.py", "hired/__init__.py"):
         assert (repo / "hired" / "1" / module).is_file(), module
     assert "tokenizers" in (repo / "hired" / "requirements.txt").read_text()
+
+
+def test_the_entry_point_carries_every_project_module_it_imports(repo):
+    version = repo / "hired" / "1"
+    copied = {p.relative_to(version).as_posix() for p in version.rglob("*.py")} - {"model.py"}
+    assert copied == {p.relative_to(ROOT).as_posix() for p in code_modules()}
+    assert {"serving/__init__.py", "serving/protocol.py", "runtime/options.py", "hired/__init__.py"} <= copied
+    assert not {c for c in copied if c.startswith(("serving/triton", "export/", "models/", "bench/"))}
+    # what model.py imports, imported from the copy alone (triton_python_backend_utils exists only in Triton)
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if p not in ('', sys.argv[1])]; sys.path.insert(0, sys.argv[2])\n"
+        "import runtime.pipeline, runtime.manifest, serving.protocol\n"
+        "assert serving.protocol.__file__.startswith(sys.argv[2]), serving.protocol.__file__\n"
+        "print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('export', 'models', 'bench')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(version)], cwd=version, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def test_external_weights_travel_beside_model_onnx(tmp_path):
@@ -202,7 +224,7 @@ def test_cli_prints_the_docker_run_line(tiny_bundle, tmp_path, capsys):
 # ---- the repository served for real (graphs as CPU stand-ins), on PyTriton's bundled tritonserver ---------------
 def _tritonserver(env_dir: Path, work: Path) -> tuple[Path, Path, dict]:
     """PyTriton's tritonserver binary, a Python-backend folder with the stub for this Python, and the env."""
-    from runtime import serve_env
+    from serving import venv as serve_env
 
     (site,) = env_dir.glob("lib/python3*/site-packages")
     dist = site / "pytriton" / "tritonserver"
@@ -217,13 +239,9 @@ def _tritonserver(env_dir: Path, work: Path) -> tuple[Path, Path, dict]:
     return dist / "bin" / "tritonserver", backends, env
 
 
+@pytest.mark.slow
 def test_stand_in_repository_serves_the_local_tokens(tiny_bundle, tmp_path):
-    from runtime import serve_env
-
-    try:
-        env_dir = serve_env.ensure_env()
-    except serve_env.ServeEnvError as e:
-        pytest.skip(f"the serving venv (PyTriton's tritonserver) could not be created: {e}")
+    env_dir = serving_venv_or_skip()
     repo = write_repo(
         tiny_bundle, tmp_path / "repo", RepoOptions(stand_in=True, hired_instances=1), log=lambda _: None
     )
@@ -260,6 +278,22 @@ def test_stand_in_repository_serves_the_local_tokens(tiny_bundle, tmp_path):
             with pytest.raises(ImageError) as local:
                 pipe.generate(b"\x89PNG but not really", "What is it?")
             assert str(served.value) == str(local.value)
+            for empty in (
+                np.zeros((0, 6, 3), np.uint8),
+                np.zeros((4, 0, 3), np.uint8),
+            ):  # plain-client shapes
+                image = tritonclient_grpc.InferInput("image", [1, *empty.shape], "UINT8")
+                image.set_data_from_numpy(empty[None])
+                prompt = tritonclient_grpc.InferInput("prompt", [1, 1], "BYTES")
+                prompt.set_data_from_numpy(np.array([[b"What is it?"]], dtype=object))
+                client = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{grpc}")
+                try:
+                    error = client.infer("hired", [image, prompt]).as_numpy("error")[0, 0].decode()
+                finally:
+                    client.close()
+                with pytest.raises(ImageError) as local:
+                    pipe.generate(empty, "What is it?")
+                assert error == f"ImageError: {local.value}"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

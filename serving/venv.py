@@ -1,15 +1,15 @@
-"""The serving environment of `python -m runtime.serve`: a numpy<2 venv with PyTriton, created once, then re-exec'd.
+"""The serving environment of `python -m serving`: a numpy<2 venv with PyTriton, created once, then re-exec'd.
 
-    python -m runtime.serve --artifacts artifacts/tiny     # from the main .venv: prepares .venv-serve, execs into it
+    python -m serving --artifacts artifacts/tiny     # from the main .venv: prepares .venv-serve, execs into it
 
 Why: PyTriton (nvidia-pytriton, which bundles tritonserver) requires numpy<2 (a numpy 2 stub crashes on string
 tensors), while the project's main venv pins numpy 2. So the server runs in its own venv, `.venv-serve` beside
 the main one, pip-installed from the exact pins of `constraints-serve.txt` (no torch), with the checkout's own
-packages (hired/, runtime/) on PYTHONPATH. The venv carries a stamp (hash of the pins + Python version);
+packages (hired/, runtime/, serving/) on PYTHONPATH. The venv carries a stamp (hash of the pins + Python version);
 a changed constraints file or Python rebuilds it. A file lock keeps two servers from building it at once.
 
-pyenv, uv or conda Pythons need their LIBDIR first on LD_LIBRARY_PATH, or Triton's Python stub links the
-distro's libpython of the same version (scale-out.md pitfall 2); `serving_environ` sets it.
+pyenv, uv or conda Pythons need their LIBDIR first on LD_LIBRARY_PATH, or Triton's Python stub loads the
+distro's libpython of the same version instead of theirs and fails; `serving_environ` sets it.
 
 Only the standard library here: this runs before the serving environment exists.
 """
@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO_ROOT / "constraints-serve.txt"
 STAMP_NAME = ".hired-serve-stamp"  # written last: the venv is complete and built from these pins
 OWNER_NAME = ".hired-serve-owner"  # written first: this folder is ours to delete
-EXIT_ENV_FAILED = 3  # `python -m runtime.serve` exit code when the serving environment cannot be made
+EXIT_ENV_FAILED = 3  # `python -m serving` exit code when the serving environment cannot be made
 
 
 class ServeEnvError(RuntimeError):
@@ -104,7 +104,7 @@ def ensure_env(
                 say(f"serve env: using {env_dir} as given (not built from {constraints.name})")
                 return env_dir
             raise ServeEnvError(
-                f"{env_dir} exists but is neither a venv nor one made by runtime.serve; move it away or set "
+                f"{env_dir} exists but is neither a venv nor one made by serving.venv; move it away or set "
                 f"{ENV_DIR_VAR} to another folder"
             )
         _build(env_dir, constraints, say)
@@ -133,7 +133,7 @@ def _build(env_dir: Path, constraints: Path, say: Callable[[str], None]) -> None
     base_python = getattr(sys, "_base_executable", None) or sys.executable
     say(f"serve env: creating {env_dir} with {base_python} (one time, about a minute)")
     env_dir.mkdir(parents=True)
-    (env_dir / OWNER_NAME).write_text("made by runtime.serve_env; deleted and rebuilt when stale\n")
+    (env_dir / OWNER_NAME).write_text("made by serving.venv; deleted and rebuilt when stale\n")
     _run([base_python, "-m", "venv", str(env_dir)], "python -m venv", env_dir)
     pins = sum(
         1 for line in constraints.read_text().splitlines() if "==" in line and not line.startswith("#")

@@ -1,6 +1,6 @@
 """Bundle -> a standard Triton model repository for NVIDIA's Triton containers (GPU servers, SBSA, Jetson).
 
-    python -m export.triton_repo --artifacts artifacts/tiny --out triton-repo
+    python -m serving.triton_repo --artifacts artifacts/tiny --out triton-repo
 
 Writes, from the bundle (checked against its manifest first):
     vision/     backend onnxruntime; the crop axis is Triton's batch dim, so dynamic batching merges the crops
@@ -10,7 +10,8 @@ Writes, from the bundle (checked against its manifest first):
                 request's cache has its own length); CUDA EP by default, --decoder-accelerator tensorrt to try TRT
     hired/      backend python, the entry point: preprocessing + HiRED selection + the decode loop
                 (runtime.Pipeline with its graphs swapped for BLS calls to the three models above);
-                the same tensors as `python -m runtime.serve`, so RemotePipeline works against it unchanged
+                serving.protocol's tensors, as `python -m serving`, so RemotePipeline works against it unchanged;
+                the project modules it imports (hired/, runtime/, serving.protocol) are copied beside it
 Each model is `<name>/config.pbtxt` + `<name>/1/...`; the graphs become `<name>/1/model.onnx` (hard links by
 default, so a 14 GB decoder is not copied; --files copy for another filesystem, symlink for local use only:
 links out of the folder break inside `docker -v`). Ensembles cannot loop, hence the Python (BLS) model.
@@ -23,6 +24,7 @@ without NVIDIA's container. It prints the `docker run` line that serves the repo
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -32,16 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import HiredError
+from runtime.image import DEFAULT_MAX_PIXELS
 from runtime.manifest import Manifest
-from runtime.serve import INPUTS as SERVE_INPUTS
-from runtime.serve import MODEL_NAME
-from runtime.serve import OUTPUTS as SERVE_OUTPUTS
+from serving.protocol import INPUTS as WIRE_INPUTS
+from serving.protocol import MODEL_NAME
+from serving.protocol import OUTPUTS as WIRE_OUTPUTS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "triton_templates"
 GRAPHS = ("vision", "projector", "decoder")
 LOCAL_FILES = ("embed_tokens", "image_newline", "tokenizer")  # what the hired model reads itself
-CODE_PACKAGES = ("hired", "runtime")
+ENTRY_POINT = TEMPLATES / "hired_model.py"
 DEFAULT_TRITON_TAG = "25.12"
 # ONNX TensorProto element types -> (Triton config type, numpy dtype name)
 ONNX_TYPES = {
@@ -55,7 +58,7 @@ ONNX_TYPES = {
     11: ("TYPE_FP64", "float64"),
     16: ("TYPE_BF16", "bfloat16"),
 }
-SERVE_TYPES = {"UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "INT32": "TYPE_INT32",
+WIRE_TYPES = {"UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "INT32": "TYPE_INT32",
                "INT64": "TYPE_INT64"}  # fmt: skip
 REQUIREMENTS = """\
 # Python packages the `hired` model needs in the Triton container (its -py3 images ship numpy only):
@@ -93,11 +96,11 @@ class RepoOptions:
     decoder_accelerator: str = "cuda"  # "cuda" (no accelerator block) or "tensorrt"
     files: str = "hardlink"  # hardlink | copy | symlink
     stand_in: bool = False
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 # ---- reading the graphs --------------------------------------------------------------------------------------
-def graph_io(path: Path) -> tuple[list[TensorIO], list[TensorIO]]:
+def graph_tensors(path: Path) -> tuple[list[TensorIO], list[TensorIO]]:
     """Inputs and outputs of an ONNX graph (weights are not loaded)."""
     import onnx
 
@@ -200,16 +203,14 @@ def onnx_model_config(
 
 
 def hired_model_config(opts: RepoOptions) -> str:
-    """config.pbtxt of the entry point: runtime.serve's tensors, dynamic batching of whole requests."""
+    """config.pbtxt of the entry point: serving.protocol's tensors, dynamic batching of whole requests."""
     text = (
         "# HiRED LLaVA-NeXT entry point (Python backend, BLS to vision/projector/decoder); the tensors of\n"
-        "# `python -m runtime.serve`. Requests batch only with equal image shapes; each is its own generate().\n"
+        "# `python -m serving`. Requests batch only with equal image shapes; each is its own generate().\n"
         f'name: "{MODEL_NAME}"\nbackend: "python"\nmax_batch_size: {opts.max_batch}\n'
     )
-    text += render_tensors(
-        "input", [(s.name, SERVE_TYPES[s.dtype], s.dims, s.optional) for s in SERVE_INPUTS]
-    )
-    text += render_tensors("output", [(s.name, SERVE_TYPES[s.dtype], s.dims, False) for s in SERVE_OUTPUTS])
+    text += render_tensors("input", [(s.name, WIRE_TYPES[s.dtype], s.dims, s.optional) for s in WIRE_INPUTS])
+    text += render_tensors("output", [(s.name, WIRE_TYPES[s.dtype], s.dims, False) for s in WIRE_OUTPUTS])
     text += f"instance_group [ {{ count: {opts.hired_instances} kind: KIND_CPU }} ]\n"
     text += f"dynamic_batching {{ max_queue_delay_microseconds: {opts.queue_delay_us} }}\n"
     text += f'parameters {{ key: "max_pixels" value: {{ string_value: "{opts.max_pixels}" }} }}\n'
@@ -232,14 +233,55 @@ def place_file(src: Path, dst: Path, how: str) -> None:
     shutil.copy2(src, dst)
 
 
-def copy_code(dst: Path) -> None:
-    """The project's own packages the hired model imports (plain .py files, no caches)."""
-    for package in CODE_PACKAGES:
-        src = REPO_ROOT / package
-        for py in sorted(src.glob("*.py")):
-            target = dst / package / py.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(py, target)
+def code_modules(entry: Path = ENTRY_POINT) -> list[Path]:
+    """The project's .py files that `entry` imports, directly or through each other, with their packages'
+    __init__.py: every import statement counts, in functions too (read with ast, nothing is imported)."""
+    found: set[Path] = set()
+    todo = [entry]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                for path in _project_files(name):
+                    if path not in found:
+                        found.add(path)
+                        todo.append(path)
+    return sorted(found)
+
+
+def _project_files(dotted: str) -> list[Path]:
+    """The project files of `a.b.c` (a module, or a name in module a.b) and of its packages' __init__.py."""
+    parts = dotted.split(".")
+    if not (REPO_ROOT / parts[0] / "__init__.py").is_file():
+        return []  # numpy, triton_python_backend_utils, ...: not the project's
+    files = []
+    for i in range(1, len(parts) + 1):
+        base = REPO_ROOT.joinpath(*parts[:i])
+        if (base / "__init__.py").is_file():
+            files.append(base / "__init__.py")
+        elif base.with_suffix(".py").is_file():
+            files.append(base.with_suffix(".py"))
+            break
+        else:
+            break
+    return files
+
+
+def copy_code(dst: Path) -> list[str]:
+    """Copy the project modules the hired model imports into `dst` (plain .py files, no caches); their paths."""
+    copied = []
+    for path in code_modules():
+        rel = path.relative_to(REPO_ROOT)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dst / rel)
+        copied.append(rel.as_posix())
+    return copied
 
 
 def write_repo(
@@ -277,7 +319,7 @@ def _write(manifest: Manifest, stage: Path, opts: RepoOptions, log: Callable[[st
     n_images = max_images(manifest)
     for name in GRAPHS:
         src = manifest.path(name)
-        inputs, outputs = graph_io(src)
+        inputs, outputs = graph_tensors(src)
         version = stage / name / "1"
         place_file(src, version / "model.onnx", opts.files)
         for rel in external_data_files(src):
@@ -311,7 +353,10 @@ def _write(manifest: Manifest, stage: Path, opts: RepoOptions, log: Callable[[st
     version = stage / MODEL_NAME / "1"
     version.mkdir(parents=True)
     shutil.copy2(TEMPLATES / "hired_model.py", version / "model.py")
-    copy_code(version)
+    code = copy_code(version)
+    log(
+        f"{MODEL_NAME}: model.py + {len(code)} project modules ({', '.join(sorted({c.split('/')[0] for c in code}))})"
+    )
     bundle = version / "bundle"
     bundle.mkdir()
     shutil.copy2(manifest.root / "manifest.json", bundle / "manifest.json")
@@ -351,7 +396,7 @@ def readme(manifest: Manifest, opts: RepoOptions) -> str:
     graphs = "CPU stand-ins in the Python backend" if opts.stand_in else "onnxruntime backend"
     return f"""# Triton model repository for {manifest.model.name} (HiRED LLaVA-NeXT)
 
-Written by `python -m export.triton_repo`. Models: `vision`, `projector`, `decoder` ({graphs}) and
+Written by `python -m serving.triton_repo`. Models: `vision`, `projector`, `decoder` ({graphs}) and
 `{MODEL_NAME}` (Python backend, the entry point: preprocessing, HiRED selection and the decode loop through
 BLS calls).
 
@@ -361,11 +406,11 @@ Serve it (the `{MODEL_NAME}` model needs tokenizers and pillow in the container'
 
 Then, from any machine with `pip install tritonclient[grpc]` and this project's runtime:
 
-    from runtime import RemotePipeline
+    from serving import RemotePipeline
     RemotePipeline("<server>:8001").generate("photo.jpg", "What is this?", budget=0.2)
 
 The graphs were exported at ONNX opset {opset}: the container's onnxruntime backend must support it (opset 23
-needs onnxruntime >= 1.23; see NVIDIA's Frameworks Support Matrix for the version in each container), or
+needs onnxruntime >= 1.23; each Triton container release names the onnxruntime it ships), or
 re-export with `python -m export --opset 18`. Give the container a large /dev/shm (`--shm-size=1g` or
 `--ipc=host`): Python-backend tensors (images, the KV cache at every step) pass through it.
 """
@@ -374,7 +419,7 @@ re-export with `python -m export --opset 18`. Give the container a large /dev/sh
 # ---- command line ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m export.triton_repo",
+        prog="python -m serving.triton_repo",
         description="Write a Triton model repository (onnxruntime graphs + a Python BLS entry point) for a bundle.",
     )
     p.add_argument(
@@ -411,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoder on the CUDA EP (default) or TensorRT (engines rebuild as the KV cache grows)",
     )
     p.add_argument(
-        "--max-pixels", type=int, default=64_000_000, help="hired: refuse larger images (default 64 Mpx)"
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="hired: refuse larger images (default 64 Mpx)",
     )
     p.add_argument(
         "--stand-in",

@@ -1,10 +1,11 @@
 """Triton Python-backend model `hired`: image + prompt -> HiRED-pruned LLaVA-NeXT answer, with BLS calls.
 
-Written into a model repository by `python -m export.triton_repo`. Preprocessing, HiRED selection, packing,
-embedding and the decode loop are the project's own `runtime.Pipeline` (its code sits beside this file);
-only its three graphs are swapped for BLS calls to the repository's `vision`, `projector` and `decoder`
-models (onnxruntime backend, with TensorRT/CUDA on GPUs). The request/response tensors are those of
-`python -m runtime.serve`, so `runtime.RemotePipeline` and plain tritonclient code work against both.
+Written into a model repository by `python -m serving.triton_repo`. Preprocessing, HiRED selection, packing,
+embedding and the decode loop are the project's own `runtime.Pipeline` (its code, and every project module this
+file imports, sits beside it); only its three graphs are swapped for BLS calls to the repository's `vision`,
+`projector` and `decoder` models (onnxruntime backend, with TensorRT/CUDA on GPUs). The request/response tensors
+are serving.protocol's, as `python -m serving` serves them, so `serving.RemotePipeline` and plain tritonclient
+code work against both.
 
 Each request of a dynamic batch is its own generate() call, in order; run more instances
 (instance_group count) for concurrency. Every decode step is one BLS call to `decoder`, carrying the KV cache.
@@ -15,7 +16,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # the copied project packages: hired/, runtime/
+sys.path.insert(0, HERE)  # the copied project modules: hired/, runtime/, serving/protocol.py
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
@@ -23,7 +24,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 import runtime.pipeline as pipeline_module  # noqa: E402
 from runtime.errors import BundleError, GenerationError  # noqa: E402
 from runtime.manifest import Manifest, sha256_file  # noqa: E402
-from runtime.serve import INPUTS, answer_requests  # noqa: E402
+from serving.protocol import INPUTS, answer_requests  # noqa: E402
 
 LOCAL_FILES = (
     "embed_tokens",

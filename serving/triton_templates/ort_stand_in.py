@@ -1,5 +1,5 @@
 """A CPU stand-in for `backend: "onnxruntime"`: runs `model.onnx` beside this file with onnxruntime in Triton's
-Python backend. Written only by `python -m export.triton_repo --stand-in` (for tritonservers that ship the
+Python backend. Written only by `python -m serving.triton_repo --stand-in` (for tritonservers that ship the
 Python backend alone, such as PyTriton's); the real repository uses Triton's onnxruntime backend instead.
 """
 

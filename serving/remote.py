@@ -1,15 +1,17 @@
-"""RemotePipeline: Pipeline's `generate` against a server (`python -m runtime.serve`, or the Triton repository's
+"""RemotePipeline: Pipeline's `generate` against a server (`python -m serving`, or the Triton repository's
 `hired` model), over Triton's gRPC or HTTP with tritonclient only (pure Python; numpy 2 is fine).
 
-    from runtime import RemotePipeline
+    from serving import RemotePipeline
     with RemotePipeline("127.0.0.1:8001") as p:                 # "host:port" or "grpc://host:port"; "http://host:port"
         r = p.generate(frame, "What is on the table?", budget=0.2)    # the same GenerationResult as Pipeline's
 
 What travels: a file path or a PIL image is decoded here (runtime.image.load_image, so a bad file raises the
 same ImageError as locally) and sent as uint8 RGB; an array is converted here as `color` says (BGR camera
 frames, gray, RGBA); encoded bytes are sent as they are (`image_bytes`; the server decodes them, smaller on the
-wire). The other keywords travel as one JSON object, so the server sees exactly the values given and its
-errors (BudgetError, PromptError, GenerationError, ...) arrive here with the same class and message.
+wire). The other keywords are runtime.options.RequestOptions: checked here first (a bad value raises the
+local Pipeline's error without a round trip), then the ones given travel as one JSON object, so the server sees
+exactly those values and its errors (BudgetError, PromptError, ImageError, ...) arrive here with the same class
+and message.
 A server that cannot be reached, or that answers something unexpected, raises RemoteError (one line).
 
 Thread safety: one RemotePipeline may be used from many threads (the gRPC client is shared; HTTP clients,
@@ -18,8 +20,10 @@ which are not thread-safe, are made one per thread).
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
+from dataclasses import fields
 from types import MappingProxyType
 from typing import Any
 
@@ -27,10 +31,23 @@ import numpy as np
 
 from runtime.errors import HiredError, PromptError, RemoteError
 from runtime.image import DEFAULT_MAX_PIXELS, load_image
+from runtime.options import RequestOptions
 from runtime.pipeline import GenerationResult
-from runtime.serve import MODEL_NAME, encode_options, parse_error
+from serving.protocol import MODEL_NAME, WIRE_OPTIONS, encode_options, parse_error
 
 DEFAULT_TIMEOUT_S = 300.0
+
+
+def _generate_signature() -> inspect.Signature:
+    """generate()'s signature as help() and IDEs show it: RequestOptions' fields as keywords, their defaults."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(n, kind) for n in ("self", "image")]
+    params.append(inspect.Parameter("prompt", kind, annotation="str"))
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields(RequestOptions)
+    ]
+    return inspect.Signature(params, return_annotation="GenerationResult")
 
 
 def parse_address(address: str) -> tuple[str, str]:
@@ -107,29 +124,14 @@ class RemotePipeline:
             self.check_ready()
 
     # ---- public API ---------------------------------------------------------------------------------
-    def generate(
-        self,
-        image,
-        prompt: str,
-        *,
-        budget: float | None = None,
-        alpha: float | None = None,
-        distribution: str | None = None,
-        newlines: str | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        color: str = "rgb",
-    ) -> GenerationResult:
-        """image: path, bytes, PIL image or uint8 array HxW/HxWx3/HxWx4; None options take the bundle's defaults."""
+    def generate(self, image, prompt: str, **options) -> GenerationResult:
+        """image: path, bytes, PIL image or uint8 array HxW/HxWx3/HxWx4; `options` are RequestOptions' keywords
+        (budget, alpha, distribution, newlines, max_new_tokens, ..., color); None takes the bundle's defaults."""
+        checked = RequestOptions.from_kwargs(**options)  # the local Pipeline's checks, errors and messages
         if not isinstance(prompt, str):  # the message runtime.prompt gives locally; only str travels as BYTES
             raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
-        options = {
-            "budget": budget, "alpha": alpha, "distribution": distribution, "newlines": newlines,
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-        }  # fmt: skip
-        inputs = [self._image_input(image, color)]
+        options = {name: getattr(checked, name) for name in options if name in WIRE_OPTIONS}
+        inputs = [self._image_input(image, checked.color)]
         inputs.append(self._bytes_input("prompt", prompt.encode("utf-8", "surrogatepass")))
         inputs.append(self._bytes_input("options", encode_options(options)))
         result = self._infer(inputs, ["result_json", "error"])
@@ -144,6 +146,8 @@ class RemotePipeline:
             ) from None
         return result_from_dict(data)
 
+    generate.__signature__ = _generate_signature()
+
     def check_ready(self) -> None:
         """Raise RemoteError unless the server is live and the model is ready."""
         try:
@@ -152,7 +156,7 @@ class RemotePipeline:
             raise RemoteError(self._unreachable(e)) from None
         if not ready:
             raise RemoteError(
-                f"{self.address} answers but model {self.model!r} is not ready; wait for `python -m runtime.serve` "
+                f"{self.address} answers but model {self.model!r} is not ready; wait for `python -m serving` "
                 "to print 'serving', or check its log"
             )
 
@@ -241,7 +245,7 @@ class RemotePipeline:
         else:
             head = f"cannot reach {self.address} ({type(e).__name__}: {e})"
         head = " ".join(head.split())[:400]
-        return f"{head}; is `python -m runtime.serve` running there with model {self.model!r}?"
+        return f"{head}; is `python -m serving` running there with model {self.model!r}?"
 
 
 def _first_bytes(result, name: str) -> bytes:
