@@ -156,8 +156,8 @@ class RemotePipeline:
             raise RemoteError(self._unreachable(e)) from None
         if not ready:
             raise RemoteError(
-                f"{self.address} answers but model {self.model!r} is not ready; wait for `python -m serving` "
-                "to print 'serving', or check its log"
+                f"{self.address} answers but model {self.model!r} is not ready: still loading (wait for "
+                "`python -m serving` to print 'serving') or stopping (send it to another server); see its log"
             )
 
     def close(self) -> None:

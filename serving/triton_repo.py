@@ -15,6 +15,7 @@ Writes, from the bundle (checked against its manifest first):
 Each model is `<name>/config.pbtxt` + `<name>/1/...`; the graphs become `<name>/1/model.onnx` (hard links by
 default, so a 14 GB decoder is not copied; --files copy for another filesystem, symlink for local use only:
 links out of the folder break inside `docker -v`). Ensembles cannot loop, hence the Python (BLS) model.
+The graphs' tensors are read with the `onnx` package (structure only, no weights; the `export` extra has it).
 
 `--stand-in` writes `vision`, `projector` and `decoder` as Python-backend models running onnxruntime on CPU
 instead, for tritonservers with the Python backend only (PyTriton's bundled one): the same wiring, testable
