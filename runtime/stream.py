@@ -46,10 +46,10 @@ class TextStream:
                 raise StopIteration(stop.value) from None
 
     def close(self) -> None:
-        """End the stream now and free its request slot (a client went away); waits for a step in progress."""
+        """End the stream now and free its request slot, started or not (a client went away); waits for a step
+        another thread has in progress. Like a generator's close(): later next() calls raise StopIteration and
+        `.result` stays None unless the stream had already finished."""
         with self._lock:
-            if self.result is None:
-                self._ended = True
             self._gen.close()
             self._release()
 

@@ -227,3 +227,23 @@ def test_close_timeout_must_be_seconds(tiny_bundle, timeout):
     with pytest.raises(HiredError, match="timeout must be a number of seconds"):
         p.close(timeout=timeout)
     p.close()
+
+
+def test_closing_a_stream_frees_its_slot_started_or_not(pipe):
+    image = np.zeros((20, 30, 3), np.uint8)
+    before = pipe.active_requests
+    never_started = pipe.stream(image, "What is it?", max_new_tokens=4)
+    half_read = pipe.stream(image, "Describe it.", max_new_tokens=4, min_new_tokens=4)
+    next(half_read)
+    assert pipe.active_requests == before + 2
+    for stream in (never_started, half_read):
+        stream.close()
+        stream.close()  # twice is harmless
+        with pytest.raises(StopIteration):
+            next(stream)
+        assert stream.result is None
+    assert pipe.active_requests == before
+    done = pipe.stream(image, "What is it?", max_new_tokens=1)
+    list(done)
+    done.close()
+    assert done.result is not None and pipe.active_requests == before
