@@ -203,6 +203,7 @@ def serve(cfg: ServeConfig, *, say: Callable[[str], None]) -> int:
     executor = ThreadPoolExecutor(max_workers=cfg.max_batch, thread_name_prefix="hired-request")
     workspace = Path(tempfile.mkdtemp(prefix="hired-serve-"))
     triton = None
+    stub_folders: list[Path] = []
     code = 0
     try:
         if stop.is_set():
@@ -238,6 +239,7 @@ def serve(cfg: ServeConfig, *, say: Callable[[str], None]) -> int:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 say(f"error: tritonserver did not start ({type(e).__name__}: {first}); see its log above")
                 return 1
+            stub_folders = _stub_temp_folders()
             say(
                 f"serving {cfg.artifacts} as model '{MODEL_NAME}' ({pipe.provider}) in {time.monotonic() - t0:.1f} s: "
                 f"grpc {cfg.host}:{cfg.grpc_port}, http://{cfg.host}:{cfg.http_port}, "
@@ -255,6 +257,7 @@ def serve(cfg: ServeConfig, *, say: Callable[[str], None]) -> int:
             if received and triton.is_connected():
                 drain(cfg, triton.get_access_token(), received, say=say)
             triton.stop()
+            _remove_left_folders(stub_folders, say)
         executor.shutdown(wait=True, cancel_futures=True)
         pipe.close()
         shutil.rmtree(workspace, ignore_errors=True)
@@ -339,6 +342,56 @@ def _send_empty_tensors(triton, say: Callable[[str], None]) -> None:
             return out
 
         model.get_proxy_model_files = files
+
+
+def _stub_temp_folders() -> list[Path]:
+    """The temp folders Triton's Python backend made for this server's model: the model copy named in the
+    arguments of each stub under this process, and the (empty) `python_env_*` folder made beside it with it.
+    A graceful unload removes them; a tritonserver stopped with requests still running leaves them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    todo, folders = [os.getpid()], []
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                args = (
+                    (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                )
+            except OSError:
+                continue
+            if args and args[0].endswith("triton_python_backend_stub"):
+                folders += [Path(a).parents[1] for a in args[1:] if a.endswith("/1/model.py")]
+    for copy in list(folders):
+        try:
+            made = copy.stat().st_ctime
+            folders += [d for d in copy.parent.glob("python_env_*") if abs(d.stat().st_ctime - made) < 1]
+        except OSError:
+            continue
+    return folders
+
+
+def _remove_left_folders(folders: list[Path], say: Callable[[str], None]) -> None:
+    """Remove what the stopped tritonserver left of `folders`: a model copy of ours, an empty python_env_*."""
+    left = []
+    for folder in folders:
+        try:
+            if folder.name.startswith("python_env_"):
+                folder.rmdir()  # only when empty: never another server's environment
+            elif f'name: "{MODEL_NAME}"' in (folder / "config.pbtxt").read_text():
+                shutil.rmtree(folder)
+            else:
+                continue
+            left.append(folder)
+        except OSError:
+            continue
+    if left:
+        say(f"removed {len(left)} temp folder(s) the stopped tritonserver left: {', '.join(map(str, left))}")
 
 
 def _pytriton_tensor(tensor_cls, spec: WireTensor):

@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -27,7 +29,7 @@ from runtime.errors import BudgetError, GenerationError, HiredError, ImageError,
 from runtime.pipeline import GenerationResult
 from serving import RemotePipeline
 from serving.protocol import encode_options, parse_error
-from serving.triton_server import main, parse_args
+from serving.triton_server import _remove_left_folders, _stub_temp_folders, main, parse_args
 from tests.serving_helpers import comparable, picture, png_bytes, start_server
 
 PROMPT = "What is in this picture?"
@@ -75,6 +77,33 @@ def test_a_taken_port_is_refused_before_anything_starts(tiny_bundle, capsys):
         assert main(["--artifacts", str(tiny_bundle), "--grpc-port", str(taken)]) == 2
     assert time.monotonic() - t < 5
     assert f"--grpc-port {taken}: cannot listen on 127.0.0.1:{taken}" in capsys.readouterr().err
+
+
+def test_the_stubs_temp_folders_are_found_and_only_ours_are_removed(tmp_path):
+    copy = (
+        tmp_path / "folderAbC123"
+    )  # what Triton's Python backend makes: a model copy + an empty python_env_*
+    (copy / "1").mkdir(parents=True)
+    (copy / "config.pbtxt").write_text('name: "hired"\nbackend: "python"\n')
+    env = tmp_path / "python_env_XyZ789"
+    env.mkdir()
+    other = tmp_path / "folderOther1"  # another model's copy: never ours to delete
+    other.mkdir()
+    (other / "config.pbtxt").write_text('name: "detector"\n')
+    stub = f'exec -a /opt/tritonserver/backends/python/triton_python_backend_stub {sys.executable} -c "import time; time.sleep(60)" {copy}/1/model.py'
+    proc = subprocess.Popen(["bash", "-c", stub])  # a child of this process, as the stub is of the server's
+    try:
+        deadline = time.monotonic() + 10
+        while not (found := _stub_temp_folders()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(found) == sorted([copy, env])
+    finally:
+        proc.kill()
+        proc.wait()
+    said = []
+    _remove_left_folders([*found, other], said.append)
+    assert not copy.exists() and not env.exists() and other.exists()
+    assert said == [f"removed 2 temp folder(s) the stopped tritonserver left: {copy}, {env}"]
 
 
 # ---- a real server ------------------------------------------------------------------------------------------
@@ -292,6 +321,37 @@ def _stub_temp_dirs(copies: set[Path]) -> set[Path]:
     return found
 
 
+def _two_requests_inside(server, jobs: dict) -> tuple[list[threading.Thread], dict[str, object]]:
+    """Send jobs "running" (gRPC) and "queued" (HTTP) and return once Triton holds both (one waits in its queue)."""
+    got: dict[str, object] = {}
+
+    def ask(name: str, address: str) -> None:
+        image, options = jobs[name]
+        try:
+            with RemotePipeline(address, timeout_s=120) as remote:
+                got[name] = remote.generate(image, PROMPT, **options)
+        except Exception as e:  # reported by the callers' assertions
+            got[name] = e
+
+    threads = [threading.Thread(target=ask, args=("running", f"127.0.0.1:{server.grpc}"))]
+    threads[0].start()
+    time.sleep(0.5)
+    threads.append(threading.Thread(target=ask, args=("queued", f"http://127.0.0.1:{server.http}")))
+    threads[1].start()
+    deadline = time.monotonic() + 60
+    while not _metric(server.metrics, "nv_inference_pending_request_count"):
+        assert time.monotonic() < deadline and not got, f"no request was ever queued: {got}"
+        time.sleep(0.02)
+    return threads, got
+
+
+def _jobs() -> dict:
+    return {
+        "running": (picture(500, 700, seed=5), {"max_new_tokens": 64, "min_new_tokens": 64}),
+        "queued": (picture(200, 260, seed=6), {"max_new_tokens": 6}),  # another shape: not batched with it
+    }
+
+
 @slow
 def test_sigterm_answers_the_requests_in_flight_then_exits_clean(tiny_bundle, pipe, tmp_path):
     """A request running and one queued behind it when SIGTERM arrives both get their real answer; a request sent
@@ -301,33 +361,9 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_clean(tiny_bundle, pi
         copies = _model_copies(_tree(server.proc.pid))
         stub_dirs = _stub_temp_dirs(copies)
         assert copies, "no Python stub with a model copy under the server"
-        jobs = {
-            "running": (picture(500, 700, seed=5), {"max_new_tokens": 64, "min_new_tokens": 64}),
-            "queued": (
-                picture(200, 260, seed=6),
-                {"max_new_tokens": 6},
-            ),  # another shape: not batched with it
-        }
+        jobs = _jobs()
         want = {name: pipe.generate(image, PROMPT, **options) for name, (image, options) in jobs.items()}
-        got: dict[str, object] = {}
-
-        def ask(name: str, address: str) -> None:
-            image, options = jobs[name]
-            try:
-                with RemotePipeline(address, timeout_s=120) as remote:
-                    got[name] = remote.generate(image, PROMPT, **options)
-            except Exception as e:  # reported by the assertions below
-                got[name] = e
-
-        threads = [threading.Thread(target=ask, args=("running", f"127.0.0.1:{server.grpc}"))]
-        threads[0].start()
-        time.sleep(0.5)
-        threads.append(threading.Thread(target=ask, args=("queued", f"http://127.0.0.1:{server.http}")))
-        threads[1].start()
-        deadline = time.monotonic() + 60  # both are inside Triton once one of them waits in its queue
-        while not _metric(server.metrics, "nv_inference_pending_request_count"):
-            assert time.monotonic() < deadline and not got, f"no request was ever queued: {got}"
-            time.sleep(0.02)
+        threads, got = _two_requests_inside(server, jobs)
         server.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while "draining:" not in server.log_text():
@@ -350,6 +386,36 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_clean(tiny_bundle, pi
     log = server.log_text()
     assert "drained in" in log and "stopped on SIGTERM" in log
     assert "Traceback" not in log and "KeyError" not in log, log[-3000:]
+    left = [p for p in copies | stub_dirs if p.exists()]
+    assert not left, f"left in the temp dir: {left}"
+
+
+@slow
+def test_a_drain_past_its_timeout_still_exits_0_and_cleans_up(tiny_bundle, tmp_path):
+    """--drain-timeout bounds the wait: the server stops with requests still running, says so, exits 0 and
+    removes the temp folders the interrupted tritonserver could not; the clients get one-line RemoteErrors."""
+    server = start_server(tiny_bundle, tmp_path / "serve.log", "--drain-timeout", "0.5")
+    try:
+        copies = _model_copies(_tree(server.proc.pid))
+        stub_dirs = _stub_temp_dirs(copies)
+        threads, got = _two_requests_inside(server, _jobs())
+        t = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(120) == 0, server.log_text()[-2000:]
+        took = time.monotonic() - t
+        for th in threads:
+            th.join(120)
+    finally:
+        server.stop()
+    log = server.log_text()
+    assert "--drain-timeout 0.5 s passed with requests still running; stopping anyway" in log, log[-2000:]
+    assert took < 60, f"stopping took {took:.1f} s"
+    for (
+        name,
+        outcome,
+    ) in got.items():  # answered in tritonserver's own last seconds, or cut: one line either way
+        assert isinstance(outcome, GenerationResult | RemoteError), (name, outcome)
+        assert "\n" not in str(outcome)
     left = [p for p in copies | stub_dirs if p.exists()]
     assert not left, f"left in the temp dir: {left}"
 
