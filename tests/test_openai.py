@@ -535,6 +535,13 @@ def _ready(url: str) -> bool:
         return False
 
 
+def test_the_server_imports_no_torch_transformers_or_onnx():
+    code = ("import sys, serving.openai.__main__, serving.openai.app, serving.openai.backend\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'onnx')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ---- image URL policy -----------------------------------------------------------------------------------
 def test_image_policy_limits_files_urls_and_sizes(tmp_path, image):
     from serving.openai.schema import APIError
