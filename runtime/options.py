@@ -18,8 +18,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from hired import HiredConfig
+from hired.selectors import SELECTORS
 from runtime.errors import BudgetError, GenerationError, ImageError
 from runtime.image import COLOR_ORDERS
+
+AUTO = "auto"  # budget="auto": runtime.governor picks the rate
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,13 @@ class SamplingConfig:
 class RequestOptions:
     """One request's options. None for a HiRED option takes the bundle manifest's default."""
 
-    budget: float | None = None  # rate: fraction of the visual tokens kept, in (0, 1]; 1.0 = stock model
+    budget: float | str | None = None  # rate: fraction of the visual tokens kept, in (0, 1]; 1.0 = stock model;
+    # "auto": the largest rate whose predicted time to first token meets target_ttft_ms (runtime.governor)
     alpha: float | None = None  # the base image's share of the budget, in [0, 1]
     distribution: str | None = None  # "spatial" (the paper's Eq. 1) or "official" (the published code)
     newlines: str | None = None  # "none" (HiRED) or "rows"
+    selector: str = "hired"  # which tokens the budget keeps: hired.selectors.SELECTORS
+    target_ttft_ms: float | None = None  # with budget="auto": the time to first token to meet, in ms
     max_new_tokens: int = 128
     min_new_tokens: int = 0
     temperature: float = 0.0
@@ -57,16 +63,30 @@ class RequestOptions:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        for name in ("budget", "alpha"):
-            value = getattr(self, name)
-            if value is not None:
-                set_(self, name, _finite(value, name, BudgetError))
+        if self.budget is not None and not (isinstance(self.budget, str) and self.budget == AUTO):
+            set_(self, "budget", _finite(self.budget, "budget", BudgetError, what="a number in (0, 1] or 'auto'"))
+        if self.alpha is not None:
+            set_(self, "alpha", _finite(self.alpha, "alpha", BudgetError))
+        if not isinstance(self.selector, str) or self.selector not in SELECTORS:
+            raise BudgetError(f"selector must be one of {', '.join(SELECTORS)}; got {_show(self.selector)}")
+        if self.target_ttft_ms is not None:
+            target = _finite(self.target_ttft_ms, "target_ttft_ms", BudgetError, what="a number of ms > 0")
+            if target <= 0:
+                raise BudgetError(f"target_ttft_ms must be a number of ms > 0, got {_show(self.target_ttft_ms)}")
+            set_(self, "target_ttft_ms", target)
+        if self.budget == AUTO and self.target_ttft_ms is None:
+            raise BudgetError("budget='auto' needs target_ttft_ms, the time to first token to meet in ms, e.g. 300")
+        if self.target_ttft_ms is not None and self.budget != AUTO:
+            raise BudgetError(f"target_ttft_ms is read only with budget='auto', got budget={_show(self.budget)}")
         for name in ("distribution", "newlines"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise BudgetError(f"{name} must be a string, got {_show(value)}")
         set_(self, "max_new_tokens", _integer(self.max_new_tokens, "max_new_tokens", low=1))
         set_(self, "min_new_tokens", _integer(self.min_new_tokens, "min_new_tokens", low=0))
+        for name in ("max_new_tokens", "min_new_tokens"):  # token counts: later messages print them
+            if getattr(self, name) >= 1 << 63:
+                raise GenerationError(f"{name} must be below 2**63, got {_show(getattr(self, name))}")
         if self.min_new_tokens > self.max_new_tokens:
             raise GenerationError(
                 f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
@@ -110,17 +130,32 @@ class RequestOptions:
         return {name: getattr(self, name) for name in self.names()}
 
     # ---- views -----------------------------------------------------------------------------------------
-    def hired_config(self, defaults: HiredConfig) -> HiredConfig:
-        """The HiRED knobs of this request; `defaults` (the manifest's) fill the Nones. BudgetError if out of range."""
+    @property
+    def is_auto(self) -> bool:
+        """budget="auto": the rate is chosen per request to meet target_ttft_ms."""
+        return self.budget == AUTO
+
+    def hired_config(self, defaults: HiredConfig, *, rate: float | None = None) -> HiredConfig:
+        """The HiRED knobs of this request; `defaults` (the manifest's) fill the Nones. BudgetError if out of range.
+
+        `rate` replaces the budget (the governor's choice under budget="auto"; until then "auto" reads as 1.0)."""
+        if rate is None:
+            rate = defaults.rate if self.budget is None else 1.0 if self.is_auto else self.budget
         try:
-            return HiredConfig(
-                rate=defaults.rate if self.budget is None else self.budget,
+            cfg = HiredConfig(
+                rate=rate,
                 alpha=defaults.alpha if self.alpha is None else self.alpha,
                 distribution=defaults.distribution if self.distribution is None else self.distribution,
                 newlines=defaults.newlines if self.newlines is None else self.newlines,
             )
         except (ValueError, TypeError) as e:
             raise BudgetError(str(e)) from None
+        if cfg.distribution == "official" and self.selector != "hired":
+            raise BudgetError(
+                f'distribution="official" is HiRED\'s published split; use it with selector="hired", or '
+                f'distribution="spatial" with selector={self.selector!r}'
+            )
+        return cfg
 
     @property
     def sampling(self) -> SamplingConfig:

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from hired import NEWLINE, AnyresLayout, BudgetPlan, HiredConfig, pack_tokens, plan_budget, select_tokens
+from hired import NEWLINE, AnyresLayout, BudgetPlan, HiredConfig
+from hired.selectors import Selection
 from runtime.bundle_check import check_loaded
 from runtime.decoder import Decoder
 from runtime.errors import (
@@ -41,12 +42,14 @@ from runtime.errors import (
     PromptError,
 )
 from runtime.generate import Generation, stream_text
+from runtime.governor import Governor, auto_budget, calibrate
 from runtime.image import DEFAULT_MAX_PIXELS, load_image
 from runtime.manifest import Manifest
 from runtime.options import RequestOptions, SamplingConfig
 from runtime.preprocess import preprocess
 from runtime.prompt import Chat, PromptEncoder
 from runtime.quant import check_method, check_onnxruntime
+from runtime.selection import projector_rows, select_stage
 from runtime.stream import CLOSED, TextStream, _ReleaseOnce
 
 DEFAULT_MAX_CONTEXT = 8192
@@ -66,6 +69,7 @@ class GenerationResult:
     timings_ms: MappingProxyType  # RESULT_TIMING_KEYS
     provider: str
     quant: str = "none"  # the decoder's weights: "none", "int8" or "int4" (manifest quant.method)
+    selector: str = "hired"  # which tokens the budget kept (hired.selectors)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +80,7 @@ class GenerationResult:
             "timings_ms": dict(self.timings_ms),
             "provider": self.provider,
             "quant": self.quant,
+            "selector": self.selector,
         }
 
 
@@ -88,6 +93,8 @@ class Trace:
     pixel_values: np.ndarray | None = None  # [n, 3, s, s] as fed to the vision graph (base image first)
     early_scores: np.ndarray | None = None  # [n, 576] early-layer CLS attention
     late_scores: np.ndarray | None = None  # [n, 576] late-layer CLS attention
+    features: np.ndarray | None = None  # [n, 576, Dv] feature-layer features (the projector's input)
+    groups: Any = None  # merged slots of the selector: flat id -> flat ids averaged into it (visionzip)
     kept_indices: list[np.ndarray] | None = None  # per image, kept token indices in raster order
     layout: AnyresLayout | None = None
     plan: BudgetPlan | None = None
@@ -110,6 +117,8 @@ class _Request:
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = 0.0
     trace: Trace | None = None
+    selector: str = "hired"
+    auto: dict | None = None  # budget="auto": requested, target_ttft_ms, predicted_ttft_ms (+ note)
 
 
 def _options_signature() -> inspect.Signature:
@@ -140,9 +149,11 @@ class Pipeline:
         threads: int | None = None,
         cache_dir: str | os.PathLike | None = None,
         sessions: dict | None = None,
+        min_budget: float = 0.05,
     ):
         """`sessions` ({"vision", "projector", "decoder"} -> objects with OrtSession's surface) replaces the
-        onnxruntime sessions, e.g. with Triton BLS calls; see `from_sessions`."""
+        onnxruntime sessions, e.g. with Triton BLS calls; see `from_sessions`. `min_budget`: the lowest rate
+        budget="auto" may pick."""
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise HiredError(f"max_pixels must be a positive integer, got {max_pixels!r}")
         if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
@@ -177,6 +188,10 @@ class Pipeline:
         )
         names = {self.vision.provider, self.projector.provider, decoder.provider}
         self.provider = decoder.provider if len(names) == 1 else ",".join(sorted(names))
+        try:
+            self.governor = Governor(manifest, self.provider, min_budget=min_budget)  # budget="auto"'s cost model
+        except ValueError as e:
+            raise HiredError(str(e)) from None
         self._active = 0
         self._closed = False
         self._cancel = threading.Event()  # set when close() gave up waiting: requests stop at their next check
@@ -232,6 +247,10 @@ class Pipeline:
     def hired_config(self, **options) -> HiredConfig:
         """HiredConfig of request options (budget, alpha, distribution, newlines), the manifest filling Nones."""
         return RequestOptions.from_kwargs(**options).hired_config(self.defaults)
+
+    def calibrate(self, image=None, prompt: str | Chat = "Describe the image.") -> None:
+        """Measure budget="auto"'s cost model now: 3 short runs (default image: a grey 672x672 frame, 5 partitions)."""
+        calibrate(self, np.full((672, 672, 3), 128, np.uint8) if image is None else image, prompt)
 
     def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
         """Refuse new requests (PipelineClosedError), finish or end the ones open, release the sessions.
@@ -324,6 +343,9 @@ class Pipeline:
                 f"exceeds the {self.max_context}-token context; shorten it"
             )
         req.timings["preprocess"] = time.perf_counter() - t0
+        req.selector = opts.selector
+        if opts.is_auto:  # the governor's rate, calibrating first on this image if it must
+            req.cfg, req.auto = auto_budget(self, opts, req.layout, image, prompt, text_len, req.timings["preprocess"])
         return req
 
     def _vision(self, req: _Request) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -337,23 +359,17 @@ class Pipeline:
         )
         return feats, early, late
 
-    def _select(self, req: _Request, early: np.ndarray, late: np.ndarray) -> tuple[BudgetPlan, list, np.ndarray]:
-        """HiRED: the budget plan from the base image's early scores, top-k by late scores, the packed order."""
-        try:
-            plan = plan_budget(req.layout, early[0].astype(np.float32), req.cfg)
-            keep = select_tokens(late.astype(np.float32), plan, req.layout)
-        except ValueError as e:  # non-finite scores from a broken graph
-            raise GenerationError(f"vision graph gave unusable attention scores ({e}); check the bundle") from None
-        return plan, keep, pack_tokens(keep, req.layout, req.cfg)
+    def _select(self, req: _Request, feats, early, late) -> tuple[Selection, np.ndarray]:
+        """The request's selector (HiRED by default; runtime.selection) -> (Selection, packed order)."""
+        return select_stage(req.layout, req.cfg, req.selector, req.sampling.seed, feats, early, late)
 
-    def _project(self, req: _Request, feats: np.ndarray, order: np.ndarray) -> np.ndarray:
-        """The kept tokens through the projector, newline embeddings in their slots: [span, Dt]."""
+    def _project(self, req: _Request, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """The kept tokens' rows [k, Dv] through the projector, newline embeddings in their slots: [span, Dt]."""
         projector = req.graphs[1]
         name = projector.inputs["features"]
         is_token = order != NEWLINE
-        flat = feats.reshape(-1, feats.shape[-1])
         (projected,) = projector.run(
-            {name: flat[order[is_token]].astype(projector.dtype(name), copy=False)}, [projector.outputs["projected"]]
+            {name: rows.astype(projector.dtype(name), copy=False)}, [projector.outputs["projected"]]
         )
         visual = np.empty((order.shape[0], projected.shape[-1]), dtype=projected.dtype)
         visual[is_token] = projected
@@ -398,13 +414,15 @@ class Pipeline:
             tm["vision"] = time.perf_counter() - t
             self._check_open()
             t = time.perf_counter()
-            plan, keep, order = self._select(req, early, late)
+            sel, order = self._select(req, feats, early, late)
+            plan, keep = sel.plan, sel.keep
             tm["select"] = time.perf_counter() - t
             t = time.perf_counter()
-            visual = self._project(req, feats, order)
+            visual = self._project(req, projector_rows(feats, order, sel.groups), order)
             tm["projector"] = time.perf_counter() - t
             if trace is not None:
                 trace.pixel_values, trace.early_scores, trace.late_scores = req.pixel_values, early, late
+                trace.features, trace.groups = feats, sel.groups
                 trace.kept_indices, trace.layout, trace.plan, trace.order = keep, req.layout, plan, order
         embeds = self._splice(req, visual)
         if trace is not None:
@@ -413,6 +431,8 @@ class Pipeline:
         text, ids = yield from self._generate(req, embeds)
         tm["total"] = time.perf_counter() - req.t_start
         cfg = req.cfg
+        n_images = req.layout.n_images if req.layout is not None else 0
+        self.governor.observe(n_images=n_images, span=int(order.shape[0]), prompt_tokens=embeds.shape[0], timings_s=tm)
         return GenerationResult(
             text=text,
             token_ids=ids,
@@ -422,11 +442,12 @@ class Pipeline:
             ),  # fmt: skip
             budget=MappingProxyType(
                 {"rate": cfg.rate, "alpha": cfg.alpha, "total": int(plan.total) if plan is not None else 0,
-                 "distribution": cfg.distribution, "newlines": cfg.newlines}
+                 "distribution": cfg.distribution, "newlines": cfg.newlines, **(req.auto or {})}
             ),  # fmt: skip
             timings_ms=MappingProxyType({k: round(tm.get(k, 0.0) * 1000, 3) for k in RESULT_TIMING_KEYS}),
             provider=self.provider,
             quant=self.manifest.quant.method,
+            selector=req.selector,
         )
 
 

@@ -224,8 +224,8 @@ def test_cli_json_is_the_last_stdout_line_and_dump_and_picture_are_written(tiny_
                 "--json", "--dump", str(dump), "--show-kept", str(pic))  # fmt: skip
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert set(result) == {"text", "token_ids", "visual_tokens", "budget", "timings_ms", "provider", "quant"}
-    assert result["quant"] == "none"
+    assert set(result) == {"text", "token_ids", "visual_tokens", "budget", "timings_ms", "provider", "quant", "selector"}
+    assert result["quant"] == "none" and result["selector"] == "hired"
     names = {"pixel_values.npy", "early_scores.npy", "late_scores.npy", "kept_indices.json", "inputs_embeds.npy",
              "prefill_logits.npy"}  # fmt: skip
     assert names <= {f.name for f in dump.iterdir()}
