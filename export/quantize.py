@@ -63,6 +63,7 @@ __all__ = [
     "quantize_bundle",
     "quantized_initializers",
     "requantize",
+    "with_quant",
     "quantize_decoder_file",
     "quantize_graph",
     "quantize_weight",
@@ -324,6 +325,19 @@ def plan_streaming(model, specs: list, method: str, block_size: int = DEFAULT_BL
     return out_specs, transform
 
 
+def with_quant(manifest: Manifest, method: str, block_size: int = DEFAULT_BLOCK_SIZE) -> Manifest:
+    """`manifest` recording its decoder's quantization: `quant`, and in export_info the larger of the opset's and
+    MatMulNBits' minimum onnxruntime."""
+    from runtime.manifest import QuantSpec
+    from runtime.quant import version_tuple
+
+    info = dict(manifest.export_info)
+    old_min = str(info.get("min_onnxruntime", "0"))
+    need = MIN_ONNXRUNTIME[method]
+    info["min_onnxruntime"] = old_min if version_tuple(old_min) >= version_tuple(need) else need
+    return dataclasses.replace(manifest, export_info=info, quant=QuantSpec(**quant_spec(method, block_size)))
+
+
 def quantize_bundle(
     folder: str | os.PathLike,
     method: str,
@@ -336,8 +350,7 @@ def quantize_bundle(
     The manifest gains `quant`, the decoder's new sha256 (and no `decoder_data` once the weights fit in the .onnx)
     and, in export_info, the larger of the opset's and MatMulNBits' minimum onnxruntime.
     """
-    from runtime.manifest import MANIFEST_NAME, Manifest, QuantSpec, sha256_file
-    from runtime.quant import version_tuple
+    from runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
 
     folder = Path(folder)
     manifest = Manifest.from_file(folder, verify=False)
@@ -356,13 +369,9 @@ def quantize_bundle(
         files.pop("decoder_data", None)
         sha.pop("decoder_data", None)
     sha["decoder"] = sha256_file(graph)
-    info = dict(manifest.export_info)
-    old_min = str(info.get("min_onnxruntime", "0"))
-    need = MIN_ONNXRUNTIME[method]
-    info["min_onnxruntime"] = old_min if version_tuple(old_min) >= version_tuple(need) else need
-    info.setdefault("seconds", {})
-    info["seconds"] = {**info["seconds"], "quantize": round(time.perf_counter() - t0, 2)}
-    new = dataclasses.replace(manifest, files=files, sha256=sha, export_info=info, quant=QuantSpec(**spec))
+    new = with_quant(dataclasses.replace(manifest, files=files, sha256=sha), method, block_size)
+    seconds = {**new.export_info.get("seconds", {}), "quantize": round(time.perf_counter() - t0, 2)}
+    new = dataclasses.replace(new, export_info={**new.export_info, "seconds": seconds})
     new.to_file(folder / MANIFEST_NAME)
     stamp = folder / ".verified.json"
     if stamp.exists():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -141,6 +142,99 @@ def test_graph_pass_quantizes_a_shared_weight_once_and_keeps_other_readers():
     a, b, w_out = sess.run(None, {"x": rng.standard_normal((2, 64)).astype(np.float32)})
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(w_out, numpy_helper.to_array(w))
+
+
+@dataclass(frozen=True)
+class _Spec:  # the fields of export.meta.WeightSpec that plan_streaming and the writer use
+    name: str
+    shape: tuple
+    dtype: np.dtype
+    kind: str = "normal"
+    std: float = 0.02
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_streaming_plan_quantizes_while_writing_like_the_graph_pass(bits):
+    """plan_streaming on a data-less graph + a writer that draws one weight at a time = quantize_graph on the
+    loaded graph; the traced form Transpose(W [N, K]) -> MatMul and the plain MatMul(x, W [K, N]) both."""
+    import onnx_ir as ir
+
+    from export.quantize import plan_streaming
+
+    rng = np.random.default_rng(4)
+    w1_nk = (rng.standard_normal((96, 64)) * 0.1).astype(np.float32)  # nn.Linear(64 -> 96).weight
+    w2 = (rng.standard_normal((96, 32)) * 0.1).astype(np.float32)
+    f = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    nodes = [
+        helper.make_node("Transpose", ["w1"], ["w1_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w1_t"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [numpy_helper.from_array(w1_nk, "w1"), numpy_helper.from_array(w2, "w2")]
+    graph = helper.make_graph(nodes, "traced", [f("x", [1, "s", 64])], [f("y", [1, "s", 32])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    values = {"w1": w1_nk, "w2": w2}
+
+    model = ir.from_proto(proto)
+    specs = []
+    for name in ("w1", "w2"):
+        v = model.graph.initializers[name]
+        v.const_value = None  # data-less, as export.meta.trace_graph leaves parameters
+        specs.append((v, _Spec(name, values[name].shape, np.dtype(np.float32))))
+    specs, transform = plan_streaming(model, specs, f"int{bits}", 32)
+    assert len(specs) == 6  # each weight -> packed, scales, zero points, in writing order
+    for value, spec in specs:  # what export.stream.write_graph does, inline instead of external data
+        drawn = values[spec.name] if spec.kind != "zeros" else np.zeros(spec.shape, spec.dtype)
+        out = np.ascontiguousarray(transform(spec, drawn))
+        value.shape, value.dtype = ir.Shape(out.shape), ir.DataType.from_numpy(out.dtype)
+        value.const_value = ir.tensor(out, name=value.name)
+    streamed = ir.to_proto(model)
+    assert [n.op_type for n in streamed.graph.node] == ["MatMulNBits", "Relu", "MatMulNBits"]  # Transpose gone
+
+    plain = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])],
+            "plain", [f("x", [1, "s", 64])], [f("y", [1, "s", 32])],
+            [numpy_helper.from_array(np.ascontiguousarray(w1_nk.T), "w1"), numpy_helper.from_array(w2, "w2")],
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+    )  # fmt: skip
+    quantize_graph(plain, bits, 32)
+    by_name = lambda m: {t.name: numpy_helper.to_array(t).tobytes() for t in m.graph.initializer}  # noqa: E731
+    assert by_name(streamed) == by_name(plain)
+    x = rng.standard_normal((1, 7, 64)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})  # noqa: E731
+    np.testing.assert_array_equal(run(streamed)[0], run(plain)[0])
+
+
+@pytest.mark.slow
+def test_streaming_route_writes_an_int4_bundle_that_generates(tmp_path):
+    """export.stream.write_streaming(..., quant="int4") on tiny: MatMulNBits decoder, manifest quant, generates."""
+    import torch
+
+    from export.meta import RandomWeights, meta_model, model_config, param_inits
+    from export.stream import write_streaming
+    from runtime import Pipeline
+
+    write_streaming(tmp_path, "tiny", "fp32", quant="int4", log=None)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["quant"] == {"method": "int4", "block_size": 32, "accuracy_level": 4}
+    ops, weight_matmuls = _decoder_ops(tmp_path)
+    assert ops.get("MatMulNBits") == 15 and weight_matmuls == 0
+    model = onnx.load(str(tmp_path / "decoder.onnx"))
+    packed = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_Q4")}
+    head = next(v for k, v in packed.items() if "head" in k)
+    config = model_config("tiny")[0]
+    model_meta, _ = meta_model(config, torch.float32)
+    init = param_inits(model_meta)[id(model_meta.lm_head.weight)]
+    spec = _Spec(init.name, tuple(model_meta.lm_head.weight.shape), np.dtype(np.float32), init.kind, init.std)
+    np.testing.assert_array_equal(head, quantize_weight(RandomWeights(0)(spec).T, 4, 32).packed)
+    image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    with Pipeline.load(tmp_path) as p:
+        r = p.generate(image, "What is this?", max_new_tokens=4, min_new_tokens=4)
+    assert r.quant == "int4" and len(r.token_ids) == 4
 
 
 def test_block_size_must_be_a_power_of_two_from_16():
