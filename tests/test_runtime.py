@@ -281,3 +281,16 @@ def test_unknown_provider_is_a_typed_error(tiny_bundle):
 
     with pytest.raises(ProviderError, match="unknown provider 'npu'; choose one of cpu, cuda, tensorrt"):
         Pipeline.load(tiny_bundle, provider="npu")
+
+
+def test_session_run_refuses_a_wrong_dtype_naming_the_tensor(pipe):
+    proj = pipe.projector
+    name = proj.inputs["features"]
+    width = pipe.manifest.vision.hidden_size
+    with pytest.raises(GenerationError, match=f"projector input '{name}' must be float32, got float64") as info:
+        proj.run({name: np.zeros((2, width), np.float64)}, [proj.outputs["projected"]])
+    assert "\n" not in str(info.value)
+    with pytest.raises(GenerationError, match="has no input 'nope'; its inputs are"):
+        proj.run({"nope": np.zeros((2, width), np.float32)})
+    (out,) = proj.run({name: np.zeros((2, width), np.float32)}, [proj.outputs["projected"]])
+    assert out.shape == (2, pipe.manifest.text.hidden_size)
