@@ -85,6 +85,8 @@ def result_from_dict(d: dict[str, Any]) -> GenerationResult:
             budget=MappingProxyType(dict(d["budget"])),
             timings_ms=MappingProxyType(dict(d["timings_ms"])),
             provider=d["provider"],
+            quant=d.get("quant", "none"),
+            selector=d.get("selector", "hired"),
         )
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise RemoteError(

@@ -4,6 +4,7 @@ digits) becomes the typed one-line error the local Pipeline raises, never an unt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
@@ -242,6 +243,8 @@ def test_result_json_rebuilds_an_equal_generation_result():
     r = _result((5, 6, 2))
     out = encode_outcomes([r])
     assert result_from_dict(json.loads(out["result_json"][0, 0])) == r
+    other = dataclasses.replace(r, selector="uniform", quant="int4")  # fields with defaults travel too
+    assert result_from_dict(json.loads(encode_outcomes([other])["result_json"][0, 0])) == other
 
 
 def test_rows_of_one_request_pad_token_ids_and_keep_errors_per_row():
