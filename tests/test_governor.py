@@ -1,0 +1,151 @@
+"""budget="auto": the governor's choice (largest rate predicted to meet the target, monotone in the target),
+lazy calibration, the result's fields, the calibration cache and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from hired import AnyresLayout, HiredConfig
+from runtime.errors import BudgetError, HiredError
+from runtime.governor import Governor, fit_increasing, visual_span
+from runtime.options import RequestOptions
+from runtime.pipeline import Pipeline
+from tests.helpers import scene_array
+
+PINS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+TTFT_KEYS = ("preprocess", "vision", "select", "projector", "prefill")
+
+
+def ttft(result) -> float:
+    return sum(result.timings_ms[k] for k in TTFT_KEYS)
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "hired-edge" / "governor"
+
+
+def synthetic(manifest, folder) -> Governor:
+    """A governor fed made-up measurements: vision 100 ms per 5 partitions, prefill 0.2 L + 1e-4 L^2 ms."""
+    gov = Governor(manifest, "cpu", min_budget=0.05, folder=folder)
+    for span in (150, 600, 1500, 2928):
+        length = span + 20
+        gov.observe(n_images=5, span=span, prompt_tokens=length,
+                    timings_s={"preprocess": 0.01, "vision": 0.1, "select": 0.001, "projector": span * 1e-6,
+                               "prefill": (0.2 * length + 1e-4 * length**2) / 1000})  # fmt: skip
+    return gov
+
+
+def test_choice_is_the_largest_rate_meeting_the_target_and_monotone_in_it(pipe, tmp_path):
+    gov = synthetic(pipe.manifest, tmp_path)
+    assert gov.calibrated
+    layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
+    cfg = HiredConfig()
+    rates = np.linspace(0.05, 1.0, 96)
+    predicted = gov.predict_ms(layout, cfg, 20, rates)
+    assert np.all(np.diff(predicted) >= 0)
+    chosen = []
+    for target in np.linspace(predicted[0] - 5, predicted[-1] + 50, 40):
+        c = gov.choose(layout, cfg, text_tokens=20, target_ms=float(target))
+        assert c.reachable == (c.predicted_ms <= target)
+        if c.reachable and c.rate < 1.0:  # the next candidate rate would miss the target
+            assert gov.predict_ms(layout, cfg, 20, np.array([c.rate + 0.005]))[0] > target
+        chosen.append(c.rate)
+    assert chosen == sorted(chosen) and chosen[0] == 0.05 and chosen[-1] == 1.0
+
+
+def test_prediction_follows_the_measurements(pipe, tmp_path):
+    gov = synthetic(pipe.manifest, tmp_path)
+    layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
+    span = visual_span(layout, HiredConfig(), 0.2)
+    assert span == 576
+    length = span + 20
+    expected = 10 + 100 + 1 + span * 1e-3 + 0.2 * length + 1e-4 * length**2
+    got = gov.predict_ms(layout, HiredConfig(), 20, np.array([0.2]))[0]
+    assert got == pytest.approx(expected, rel=0.02)
+
+
+def test_an_increasing_fit_never_has_a_falling_slope():
+    coef = fit_increasing([(100, 50.0), (200, 40.0), (300, 60.0)], 2, 4000)
+    xs = np.linspace(0, 4000, 50)
+    assert np.all(np.diff(np.polyval(coef, xs)) >= -1e-9)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"budget": "auto"}, "budget='auto' needs target_ttft_ms"),
+        ({"budget": "auto", "target_ttft_ms": 0}, "target_ttft_ms must be a number of ms > 0"),
+        ({"budget": "auto", "target_ttft_ms": -5.0}, "target_ttft_ms must be a number of ms > 0"),
+        ({"budget": "auto", "target_ttft_ms": math.nan}, "target_ttft_ms must be a number of ms > 0, got nan"),
+        ({"budget": 0.2, "target_ttft_ms": 300}, "target_ttft_ms is read only with budget='auto'"),
+        ({"budget": "fast"}, "budget must be a number in (0, 1] or 'auto'"),
+    ],
+)
+def test_bad_auto_requests_are_budget_errors(options, message):
+    with pytest.raises(BudgetError) as e:
+        RequestOptions.from_kwargs(**options)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_min_budget_is_checked(tiny_bundle):
+    with pytest.raises(HiredError, match="min_budget must be a number in"):
+        Pipeline.load(tiny_bundle, min_budget=0)
+
+
+def test_auto_calibrates_lazily_reports_its_choice_and_caches_the_model(tiny_bundle, cache_home, caplog):
+    image = scene_array(800, 600)
+    with Pipeline.load(tiny_bundle) as p:
+        assert not p.governor.calibrated
+        generous = p.generate(image, "What is it?", budget="auto", target_ttft_ms=1e6, max_new_tokens=1)
+        assert p.governor.calibrated
+        b = generous.budget
+        assert (b["rate"], b["requested"], b["target_ttft_ms"]) == (1.0, "auto", 1e6) and "note" not in b
+        assert b["total"] == int(5 * 576 * 1.0) and b["predicted_ttft_ms"] > 0
+        tight = p.generate(image, "What is it?", budget="auto", target_ttft_ms=1e-3, max_new_tokens=1)
+        assert tight.budget["rate"] == p.governor.min_budget == 0.05
+        assert "below" in tight.budget["note"] and "min_budget" in tight.budget["note"]
+        # a target between the two: the choice sits between, and the prediction error is printed
+        low, high = tight.budget["predicted_ttft_ms"], generous.budget["predicted_ttft_ms"]
+        middle = p.generate(image, "What is it?", budget="auto", target_ttft_ms=(low + high) / 2, max_new_tokens=1)
+        assert 0.05 <= middle.budget["rate"] <= 1.0
+        for r in (generous, tight, middle):
+            print(f"governor: target {r.budget['target_ttft_ms']:.0f} ms -> rate {r.budget['rate']}, predicted "
+                  f"{r.budget['predicted_ttft_ms']:.0f} ms, measured {ttft(r):.0f} ms "
+                  f"(error {ttft(r) - r.budget['predicted_ttft_ms']:+.0f} ms)")  # fmt: skip
+        p.governor.save()
+    files = list(cache_home.glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["vision"] and len(data["prefill"]) >= 4
+    with Pipeline.load(tiny_bundle) as again:  # the cache makes a new Pipeline ready at once
+        assert again.governor.calibrated
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "hired-edge-governor/1", "bundle": "other",
+                                                                "provider": "CPUExecutionProvider"})])  # fmt: skip
+def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tiny_bundle, cache_home, caplog, content):
+    with Pipeline.load(tiny_bundle) as p:
+        path = p.governor.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="hired_edge"):
+        with Pipeline.load(tiny_bundle) as p:
+            assert not p.governor.calibrated
+            r = p.generate(scene_array(400, 300), "Hi?", budget="auto", target_ttft_ms=1e6, max_new_tokens=1)
+            assert r.budget["requested"] == "auto"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "ignoring the latency cache" in warnings[0] and "\n" not in warnings[0]
+    assert json.loads(path.read_text())["bundle"] != "other"  # rebuilt
+
+
+def test_text_only_auto_request_has_no_visual_tokens_to_trade(pipe):
+    r = pipe.generate(None, "Say hi.", budget="auto", target_ttft_ms=100, max_new_tokens=1)
+    assert r.budget["requested"] == "auto" and r.budget["predicted_ttft_ms"] is None
