@@ -364,6 +364,35 @@ def test_bad_requests_get_their_status_and_an_openai_error(live, client, image, 
     assert live.health()["status"] == "ready"
 
 
+ODD_VALUES = [("messages", v) for v in (None, 1, "hi", {}, [None], [1], [{}], [{"role": "user"}],
+                                       [{"role": None, "content": "x"}], [{"role": "user", "content": 5}],
+                                       [{"role": "user", "content": [5]}], [{"role": "user", "content": [{}]}],
+                                       [{"role": "user", "content": [{"type": "text"}]}],
+                                       [{"role": "user", "content": [{"type": "text", "text": ["x"]}]}],
+                                       [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+                                       [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}],
+                                       [{"role": "user", "content": "\ud800"}], [{"role": "user", "content": ""}])] + [
+    ("max_tokens", v) for v in (-1, 1.5, 10**30, True, [], "8")] + [
+    ("temperature", v) for v in ("hot", float("nan"), float("inf"), 1e400, True)] + [
+    ("top_p", v) for v in (1.5, -0.1, 0, "x")] + [
+    ("seed", v) for v in (-1, 2**200, 1.5, "1")] + [
+    ("stop", v) for v in (5, [5], [""], {"a": 1})] + [
+    ("hired", v) for v in ([], "0.2", {"budget": "0.2"}, {"budget": None, "alpha": 2}, {"newlines": 1},
+                           {"budget": {"x": 1}}, {"alpha": -0.5})] + [
+    ("stream", "yes"), ("stream_options", {"include_usage": "yes"}), ("n", 0), ("model", 5), ("user", 5),
+    ("metadata", "x"), ("presence_penalty", 2), ("top_logprobs", 3), ("logit_bias", {"1": 5}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), ODD_VALUES, ids=[f"{f}={str(v)[:30]}" for f, v in ODD_VALUES])
+def test_odd_values_of_every_field_are_a_4xx_never_a_500(live, image, field, value):
+    body = {"model": "tiny", "messages": [user(PROMPT, image)], "max_tokens": 2, field: value}
+    r = httpx.post(f"{live.url}/v1/chat/completions", content=json.dumps(body, allow_nan=True).encode(),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)  # fmt: skip
+    assert r.status_code in (400, 404), r.text
+    check_error_body(r.json(), r.status_code)
+
+
 @pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic " + KEY, f"Bearer {KEY}x"])
 def test_a_missing_or_wrong_api_key_is_401(live, image, auth):
     headers = {"Authorization": auth} if auth else {}
