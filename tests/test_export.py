@@ -608,8 +608,6 @@ def test_each_route_says_which_it_is_and_takes_its_own_default_dtype(tmp_path, t
     lines.clear()
     export_model("tiny", tmp_path / "c", random_weights=True, dtype="fp32", log=lines.append)
     assert "dtype fp32, opset 23" in lines[0] and written["dtype"] == "fp32"
-    with pytest.raises(ExportError, match="--quant is not available on the streaming route"):
-        export_model("tiny", tmp_path / "d", random_weights=True, quant="int4")
 
 
 # Lines a user cannot act on that the libraries print during an export (none may reach stderr).
