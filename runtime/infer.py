@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hired.selectors import SELECTORS
 from runtime.errors import HiredError, OutputError
 from runtime.image import DEFAULT_MAX_PIXELS, format_pixels
 from runtime.options import RequestOptions
@@ -39,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", required=True, metavar="DIR", help="bundle folder written by `python -m export`")
     p.add_argument("--image", required=True, metavar="IMG", help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the question; the image slot is added for you")
-    p.add_argument("--budget", type=float, metavar="R",
-                   help="share of the visual tokens to keep, in (0, 1]; 1.0 = the stock model")
+    p.add_argument("--budget", type=budget, metavar="R|auto",
+                   help="share of the visual tokens to keep, in (0, 1]; 1.0 = the stock model; auto = the largest "
+                        "share predicted to meet --target-ttft-ms")
+    p.add_argument("--target-ttft-ms", type=float, metavar="MS",
+                   help="with --budget auto: the time to first token to meet, in milliseconds")
+    p.add_argument("--selector", metavar="NAME",
+                   help=f"which tokens the budget keeps: {', '.join(SELECTORS)} (default {_D.selector})")
     p.add_argument("--alpha", type=float, metavar="A", help="share of the budget for the base image, in [0, 1]")
     p.add_argument("--distribution", choices=["spatial", "official"],
                    help="how crops share the budget: spatial (paper Eq. 1, exact) or official (published code)")
@@ -63,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-kept", metavar="OUT.png",
                    help=f"write the image with kept patches lit, dropped dimmed ({', '.join(PICTURE_FORMATS)})")
     return p  # fmt: skip
+
+
+def budget(text: str) -> float | str:
+    """--budget: a number, or "auto"."""
+    return text if text == "auto" else float(text)
 
 
 def request_options(args: argparse.Namespace) -> dict:

@@ -1,6 +1,7 @@
 """The picture a user checks the budget with: kept patches lit, dropped ones dimmed, padding greyed out.
 
-Base image on the left, the crops in their grid on the right, counts in a caption below.
+Base image on the left, the crops in their grid on the right, counts in a caption below. Tokens a selector merged
+(VisionZip's contextual tokens) are half lit, each group's cells outlined in the group's colour.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from runtime.manifest import ImageProcessorSpec
 
 _GAP = 16
 _CAPTION = 56
+_GROUP_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                  (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))  # fmt: skip
 
 
 def _denormalize(pixel_values: np.ndarray, spec: ImageProcessorSpec) -> np.ndarray:
@@ -22,11 +25,12 @@ def _denormalize(pixel_values: np.ndarray, spec: ImageProcessorSpec) -> np.ndarr
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def _shade(img: np.ndarray, kept: np.ndarray, valid: np.ndarray, side: int) -> np.ndarray:
-    """img [s, s, 3]; kept/valid bool [side*side] -> dropped tokens at 25% brightness, padding grey."""
+def _shade(img: np.ndarray, kept: np.ndarray, valid: np.ndarray, side: int, merged: np.ndarray | None = None) -> np.ndarray:
+    """img [s, s, 3]; kept/valid/merged bool [side*side] -> dropped tokens at 25% brightness, merged ones at 60%,
+    padding grey."""
     s = img.shape[0]
     cell = s // side
-    factor = np.where(kept, 1.0, 0.25).reshape(side, side)
+    factor = np.where(kept, 1.0, np.where(merged, 0.6, 0.25) if merged is not None else 0.25).reshape(side, side)
     out = img.astype(np.float32) * np.kron(factor, np.ones((cell, cell)))[:, :, None]
     pad = np.kron((~valid).reshape(side, side), np.ones((cell, cell), dtype=bool))
     out[pad] = 90.0
@@ -51,12 +55,26 @@ def render_kept(trace, spec: ImageProcessorSpec, result=None) -> Image.Image:
         m[np.asarray(idx, dtype=np.int64)] = True
         return m
 
-    canvas.paste(Image.fromarray(_shade(images[0], mask(keep[0]), np.ones(n_tok, bool), side)), (0, 0))
+    groups = dict(getattr(trace, "groups", None) or {})
+    members = np.zeros(layout.n_images * n_tok, dtype=bool)
+    for flat in groups.values():
+        members[np.asarray(flat, dtype=np.int64)] = True
+    members = members.reshape(layout.n_images, n_tok)
+    kept_alone = [mask(k) & ~members[i] for i, k in enumerate(keep)]  # a merged slot is drawn as its group
+    canvas.paste(Image.fromarray(_shade(images[0], kept_alone[0], np.ones(n_tok, bool), side, members[0])), (0, 0))
     for c in range(layout.n_crops):
         r, q = divmod(c, cols)
-        tile = _shade(images[1 + c], mask(keep[1 + c]), layout.valid_mask[c], side)
+        tile = _shade(images[1 + c], kept_alone[1 + c], layout.valid_mask[c], side, members[1 + c])
         canvas.paste(Image.fromarray(tile), (s + _GAP + q * s, r * s))
     draw = ImageDraw.Draw(canvas)
+    cell = s // side
+    for g, flat in enumerate(groups.values()):
+        for token_id in np.asarray(flat, dtype=np.int64):
+            image, token = divmod(int(token_id), n_tok)
+            r, q = divmod(image - 1, cols) if image else (0, 0)
+            tr, tc = divmod(token, side)
+            x0, y0 = (s + _GAP + q * s if image else 0) + tc * cell, (r * s if image else 0) + tr * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline=_GROUP_COLOURS[g % len(_GROUP_COLOURS)])
     for c in range(layout.n_crops):
         r, q = divmod(c, cols)
         x0, y0 = s + _GAP + q * s, r * s
@@ -66,11 +84,13 @@ def render_kept(trace, spec: ImageProcessorSpec, result=None) -> Image.Image:
     line1 = (
         f"base {len(keep[0])}/{n_tok} kept | crops {crops_kept}/{cap} kept "
         f"({layout.n_crops * n_tok - cap} padding tokens never kept) | grid {rows}x{cols}"
+        + (f" | {len(groups)} merged tokens (outlined groups)" if groups else "")
     )
     line2 = ""
     if result is not None:
         b, v = result.budget, result.visual_tokens
         line2 = (
+            f"{getattr(result, 'selector', 'hired')} {'auto ' if b.get('requested') == 'auto' else ''}"
             f"budget {b['rate']} alpha {b['alpha']} {b['distribution']}: total {b['total']}, "
             f"span fed to the LLM {v['kept']} of stock {v['before']}"
         )

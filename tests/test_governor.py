@@ -149,3 +149,26 @@ def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tiny
 def test_text_only_auto_request_has_no_visual_tokens_to_trade(pipe):
     r = pipe.generate(None, "Say hi.", budget="auto", target_ttft_ms=100, max_new_tokens=1)
     assert r.budget["requested"] == "auto" and r.budget["predicted_ttft_ms"] is None
+
+
+def test_cli_takes_budget_auto_target_and_selector(tiny_bundle, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.fromarray(scene_array(500, 400)).save(img)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ["--artifacts", str(tiny_bundle), "--image", str(img), "--prompt", "What?", "--max-new-tokens", "1", "--json"]
+    p = subprocess.run([sys.executable, "-m", "runtime.infer", *args, "--budget", "auto", "--target-ttft-ms", "1e6",
+                        "--selector", "uniform"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["selector"] == "uniform" and result["budget"]["requested"] == "auto"
+    assert result["budget"]["rate"] == 1.0 and result["budget"]["target_ttft_ms"] == 1e6
+    bad = subprocess.run([sys.executable, "-m", "runtime.infer", *args, "--selector", "nope"],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: selector must be one of hired, cls, uniform, random, visionzip; got 'nope'"

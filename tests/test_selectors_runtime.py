@@ -82,3 +82,19 @@ def test_unknown_selector_lists_the_choices_in_one_line(pipe):
         generate(pipe, scene_array(64, 64), selector="x")
     with pytest.raises(BudgetError, match='use it with selector="hired"'):
         generate(pipe, scene_array(64, 64), selector="cls", distribution="official")
+
+
+def test_the_kept_token_picture_outlines_merged_groups(pipe):
+    from runtime.visualize import render_kept
+
+    image = scene_array(672, 672)
+    t = Trace()
+    r = generate(pipe, image, t, budget=0.1, selector="visionzip")
+    picture = np.asarray(render_kept(t, pipe.manifest.image_processor, r))
+    plain = Trace()
+    rh = generate(pipe, image, plain, budget=0.1, selector="hired")
+    hired_picture = np.asarray(render_kept(plain, pipe.manifest.image_processor, rh))
+    assert picture.shape == hired_picture.shape
+    # group outline colours appear only in the visionzip picture (the hired one has no merged tokens)
+    red = np.all(picture == (230, 25, 75), axis=-1).sum()
+    assert red > 0 and np.all(hired_picture == (230, 25, 75), axis=-1).sum() == 0
