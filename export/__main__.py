@@ -52,8 +52,8 @@ def parser() -> argparse.ArgumentParser:
         "--model",
         required=True,
         metavar="NAME|PATH",
-        help="registry name (tiny, llava-next-7b, ...; resolved to checkpoints/NAME or the local HF cache) "
-        "or a Hugging Face LLaVA-NeXT checkpoint folder",
+        help="registry name (tiny, llava-next-7b, ...; resolved to checkpoints/NAME or the local HF cache, "
+        "downloaded from the hub when neither holds a complete copy) or a Hugging Face LLaVA-NeXT checkpoint folder",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="bundle folder to write, e.g. artifacts/tiny")
     p.add_argument(
@@ -101,6 +101,12 @@ def parser() -> argparse.ArgumentParser:
         help="replace an existing --out that is a bundle this tool wrote (atomically, old bundle last); "
         "a folder holding anything else, or the --model checkpoint, is never replaced",
     )
+    p.add_argument(
+        "--download-dir",
+        metavar="DIR",
+        help="when --model is a registry name with no complete copy here, download it into DIR (a plain folder, "
+        "e.g. checkpoints/NAME) instead of the Hugging Face cache; HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE apply",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of --random-weights (default {DEFAULT_SEED})")
     p.add_argument(
         "--memory-limit-gib",
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             memory_limit_gib=args.memory_limit_gib,
             quant=args.quant,
             block_size=args.block_size,
+            download_dir=args.download_dir,
         )
     except (ExportError, VerificationError) as e:
         print(f"error: {e}", file=sys.stderr)

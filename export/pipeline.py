@@ -221,8 +221,12 @@ def export_model(
     memory_limit_gib: float = DEFAULT_MEMORY_LIMIT_GIB,
     quant: str = "none",
     block_size: int = 32,
+    download_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Export registry name or checkpoint folder `model` to the bundle folder `out`; returns `out`.
+
+    A registry model with a hub id and no complete copy on this machine is downloaded first (models.download:
+    into the HF cache, or `download_dir`); never with `random_weights`.
 
     The route is chosen here: in memory (the model is loaded, exported and verified against PyTorch), or, for
     --random-weights models whose float32 weights exceed a third of the RAM, streaming (export.stream: meta
@@ -247,6 +251,8 @@ def export_model(
     t_start = time.perf_counter()
     try:
         check_model_arg(model)
+        if not random_weights:  # before quiet_export, which turns the download's progress bars off
+            model = _fetch_if_missing(model, out, force=force, download_dir=download_dir, log=log)
         with quiet_export():
             keep = model_folders(model)
             check_out(out, force=force, keep=keep)
@@ -280,6 +286,18 @@ def export_model(
         where = stage.on_disk() if stage is not None else f"nothing was written to {out}"
         raise ExportInterrupted(f"interrupted; {where}") from e
     return out
+
+
+def _fetch_if_missing(model, out: Path, *, force: bool, download_dir, log: Callable[[str], None]):
+    """`model`, or the folder models.download found or downloaded it into; --out is checked before any download."""
+    from models.download import DownloadError, ensure_checkpoint
+
+    keep = model_folders(model) + ([Path(download_dir)] if download_dir is not None else [])
+    check_out(out, force=force, keep=keep)
+    try:
+        return ensure_checkpoint(model, download_dir=download_dir, log=log)
+    except DownloadError as e:
+        raise ExportError(str(e)) from None
 
 
 ROUTE_WHY = {
