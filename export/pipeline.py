@@ -298,6 +298,11 @@ def _fetch_if_missing(model, out: Path, *, force: bool, download_dir, log: Calla
         return ensure_checkpoint(model, download_dir=download_dir, log=log)
     except DownloadError as e:
         raise ExportError(str(e)) from None
+    except KeyboardInterrupt as e:
+        raise ExportInterrupted(
+            f"interrupted while downloading {os.fspath(model)}; nothing was written to {out}; the files already "
+            "downloaded are kept and the next run fetches the rest"
+        ) from e
 
 
 ROUTE_WHY = {

@@ -206,8 +206,10 @@ def test_interrupted_download_is_reported_then_completed(fresh, tmp_path):
     assert offline.returncode != 0
     assert "HF_HUB_OFFLINE" in offline.stderr.splitlines()[-1]
 
-    second = _run(["-m", "models.download", "--repo", REPO], env, tmp_path)
+    resume = REGISTER + "from models.download import ensure_checkpoint\nprint(ensure_checkpoint('tiny-hub'))\n"
+    second = _run(["-c", resume], env, tmp_path)  # online: the partial snapshot is completed, not used as it is
     assert second.returncode == 0, second.stderr[-3000:]
+    assert Path(second.stdout.strip()) == snapshot
     assert len(fresh.gets(SHARDS[0])) == 1  # kept from the first run
     assert len(fresh.gets(SHARDS[1])) == 2
     _same_files(snapshot, fresh)
