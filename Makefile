@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 STAMP   := $(VENV)/.installed
 MODEL   ?= tiny
-OUT     ?= artifacts/$(notdir $(MODEL))
+QUANT   ?=
+OUT     ?= artifacts/$(notdir $(MODEL))$(if $(filter int4 int8,$(QUANT)),-$(QUANT))
 ARTIFACTS ?= artifacts/tiny
 IMAGE   ?= assets/demo.png
 PROMPT  ?= What is in this picture?
@@ -13,6 +14,9 @@ BUDGET  ?= 0.2
 EXPORT_FLAGS ?=
 ifeq ($(RANDOM_WEIGHTS),1)
 EXPORT_FLAGS += --random-weights
+endif
+ifneq ($(QUANT),)
+EXPORT_FLAGS += --quant $(QUANT)
 endif
 
 .PHONY: install demo test test-fast lint export bench soak eval serve triton-repo serve-bench openai clean
@@ -29,7 +33,8 @@ $(STAMP): pyproject.toml constraints.txt
 checkpoints/tiny/config.json: | $(STAMP)
 	$(PYTHON) -m models.build tiny --out checkpoints/tiny --force
 
-# `make export MODEL=llava-next-7b [RANDOM_WEIGHTS=1] [EXPORT_FLAGS="--dtype fp16 --opset 18"]`; MODEL=tiny builds
+# `make export MODEL=llava-next-7b [RANDOM_WEIGHTS=1] [QUANT=int4|int8] [EXPORT_FLAGS="--dtype fp16 --opset 18"]`;
+# QUANT writes artifacts/<model>-<quant> (decoder weights as MatMulNBits, vision and projector float); MODEL=tiny builds
 # checkpoints/tiny first. python -m export chooses the in-memory or the streaming route itself and prints which.
 export: $(STAMP) $(if $(filter tiny,$(MODEL)),checkpoints/tiny/config.json)
 	$(PYTHON) -m export --model $(if $(filter tiny,$(MODEL)),checkpoints/tiny,$(MODEL)) --out $(OUT) --force --verify $(EXPORT_FLAGS)
