@@ -62,6 +62,7 @@ def run_one(pipe, pool, k: int, use_stream: bool):
     return tuple(stream.result.token_ids)
 
 
+@pytest.mark.slow  # 216 requests (minutes on 2 cores); test_runtime's threads test is the fast tier's check
 def test_eight_threads_get_the_answers_each_request_gets_alone(pipe, pool):
     cases, _, expected = pool
     plans = [schedule(t, PER_THREAD, len(cases)) for t in range(THREADS)]
