@@ -407,7 +407,7 @@ def ensure_checkpoint(
             if not missing_files(folder, tokenizer=needs_tok):
                 log(f"the hub could not be asked ({e}); using {folder}, complete by its safetensors headers")
                 return folder
-        raise
+        raise DownloadError(f"{e}; or pass --random-weights to export {entry.name} with seeded random weights") from None
     snapshot = cached_snapshot(entry.hf_id, commit)
     fetch = {p: s for p, s in sizes.items() if wanted(p)}
     for folder in candidates + ([snapshot] if snapshot is not None else []):

@@ -288,8 +288,10 @@ def test_registry_model_not_on_disk_gets_the_download_hint(capsys, tmp_path, mon
     except CheckpointNotFound:
         pass
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # online it downloads (test_download.py)
     code, err = run_main(capsys, "--model", "llava-next-7b", "--out", str(tmp_path / "out"))
     assert code == 2 and "download llava-hf/llava-v1.6-vicuna-7b-hf" in err and "--random-weights" in err
+    assert "HF_HUB_OFFLINE" in err
     assert list(tmp_path.iterdir()) == []
 
 
