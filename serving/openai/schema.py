@@ -151,16 +151,14 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 def parse_request(body: bytes) -> ChatRequest:
     """The JSON body as a ChatRequest; any malformed or unimplemented field is a 400 naming it."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
-    try:
-        req = ChatRequest.model_validate(data)
+        req = ChatRequest.model_validate_json(body)  # parsed and checked in one pass (pydantic-core)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "json_invalid":
+            raise bad_request(f"the request body is not valid JSON ({err['msg']})") from None
+        if err["type"] == "model_type" and not loc:
+            raise bad_request("the request body must be a JSON object") from None
         if err["type"] == "extra_forbidden":
             raise bad_request(f"unrecognized request argument supplied: {loc}", param=loc) from None
         raise bad_request(f"{loc}: {err['msg']}", param=loc or None) from None
