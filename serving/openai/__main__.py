@@ -30,14 +30,13 @@ MB = 1024 * 1024
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m serving.openai", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(prog="python -m serving.openai", description=__doc__.split("\n")[0])
     p.add_argument("--artifacts", required=True, help="the bundle folder (the remote backend reads its tokenizer)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (non-loopback needs --allow-remote)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--backend", default="local", help="local (a Pipeline here), grpc://HOST:PORT or http://HOST:PORT")
-    p.add_argument("--max-concurrency", type=int, default=4, help="requests running at once")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot (more get 429)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; another needs --allow-remote)")
+    p.add_argument("--port", type=int, default=8080, help="default 8080")
+    p.add_argument("--backend", default="local", help="local (a Pipeline here; default), grpc://HOST:PORT or http://HOST:PORT (a Triton fleet)")
+    p.add_argument("--max-concurrency", type=int, default=4, help="requests running at once (default 4)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot (default 64; more get 429)")
     p.add_argument("--api-key", default=os.environ.get("HIRED_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $HIRED_API_KEY; unset = no key)")  # fmt: skip
     p.add_argument("--model-name", help="the model id clients send (default: the bundle's model name)")
@@ -46,12 +45,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
     p.add_argument("--budget", type=float, help="HiRED budget of requests that send none (default: the bundle's)")
     p.add_argument("--alpha", type=float, help="HiRED alpha of requests that send none (default: the bundle's)")
-    p.add_argument("--provider", default="cpu", help="local backend: cpu, cuda or tensorrt")
+    p.add_argument("--provider", default="cpu", help="local backend: cpu (default), cuda or tensorrt")
     p.add_argument("--threads", type=int, help="local backend: onnxruntime intra-op threads")
-    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / MB, help="request body limit (413)")
-    p.add_argument("--max-image-mb", type=float, default=DEFAULT_MAX_BYTES / MB, help="one image's byte limit")
-    p.add_argument("--fetch-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for one http(s) image")
-    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / MB, help="request body limit (default 32; over it: 413)")
+    p.add_argument("--max-image-mb", type=float, default=DEFAULT_MAX_BYTES / MB, help="one image's limit (default 20)")
+    p.add_argument("--fetch-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for one http(s) image (default 10)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (default 10)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
     if not is_loopback(a.host) and not a.allow_remote:
