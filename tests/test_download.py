@@ -276,3 +276,17 @@ def test_too_little_disk_is_refused_before_downloading(fresh, tmp_path):
     line = _error_line(proc)
     assert "GiB free" in line and "--download-dir" in line, line
     assert not [p for m, _, p, _, _ in fresh.log if m == "GET" and p in SHARDS]
+
+
+def test_random_weights_never_ask_the_hub_and_a_bad_out_is_refused_before_downloading(fresh, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    code = REGISTER + "from export.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
+    env = fresh.env(tmp_path / "hf")
+    for extra in (["--random-weights"], []):
+        proc = _run(["-c", code, "--model", "tiny-hub", "--out", str(taken), *extra], env, tmp_path)
+        assert proc.returncode == 2
+        assert "neither empty nor a bundle" in _error_line(proc)
+    assert fresh.log == []  # neither run asked the hub anything
+    assert (taken / "notes.txt").read_text() == "mine"
