@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.errors import GenerationError, HiredError, RemoteError
+from runtime.errors import GenerationError, HiredError, PipelineClosedError, RemoteError
 from serving.openai.backend import Job
 from serving.openai.images import ImagePolicy
 from serving.openai.metrics import Metrics
@@ -227,15 +227,15 @@ async def _run(state: State, fn, *args):
         ):
             raise bad_request(f"GenerationError: {e}") from None
         raise APIError(500, f"GenerationError: {e}", type="server_error") from None
+    except PipelineClosedError as e:  # the server is shutting down
+        raise APIError(503, f"{e}", type="server_error", code="shutting_down") from None
     except HiredError as e:  # ImageError, PromptError, BudgetError, ...: the request's fault
-        if type(e).__name__ == "PipelineClosedError":
-            raise APIError(503, f"{e}", type="server_error", code="shutting_down") from None
         raise bad_request(f"{type(e).__name__}: {e}", code=type(e).__name__) from None
 
 
 async def _sse(state: State, job: Job, call: Call, t0: float):
-    """The chat.completion.chunk events of a streamed reply; a client that goes away ends the stream and frees
-    the slot (Starlette cancels this generator; `finally` closes the Pipeline stream)."""
+    """The chat.completion.chunk events of a streamed reply, then `data: [DONE]`. A client that goes away makes
+    Starlette cancel this generator; _JobStream then closes the Pipeline stream and frees the slot."""
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": state.model_name}  # fmt: skip
     extra = {"usage": None} if call.include_usage else {}
