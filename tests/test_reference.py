@@ -267,6 +267,7 @@ STREAMING_CLI = (
 )
 
 
+@pytest.mark.slow  # a whole streamed export in a subprocess, then verification: minutes on 2 cores
 def test_streamed_bundle_matches_its_torch_twin(tmp_path):
     """`python -m export --random-weights` on a model too large for RAM takes the streaming route by itself, prints
     only its own lines; in onnxruntime the bundle equals the torch model with the same seeded weights
