@@ -20,7 +20,7 @@ DEFAULT_OPSET = 23  # ONNX Attention, RotaryEmbedding and RMSNormalization ops: 
 # (RotaryEmbedding-23 and RMSNormalization-23 in 1.22); opset 18 graphs run on 1.14. Opsets 19-22 are allowed
 # but untested here.
 MIN_ONNXRUNTIME = {18: "1.14", 23: "1.23"}
-MIN_ONNXRUNTIME_UNTESTED = "untested; onnxruntime's opset compatibility table gives the oldest release"
+MIN_ONNXRUNTIME_UNTESTED = "untested here (only opsets 18 and 23 are tested)"
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
 DEFAULT_SEED = 0  # seed of --random-weights
