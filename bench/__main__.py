@@ -11,7 +11,9 @@ Prints, for budgets 1.0 / 0.4 / 0.2 / 0.1 on two image shapes (1000x1000 -> 2x2 
 2. the model's vision/LLM FLOP split next to llava-next-7b's;
 3. TTFT speed-up over budget 1.0, measured vs ideal from token counts alone;
 4. the runtime against transformers' LlavaNext (budget 1.0) and export/reference.py (0.2) on the same model;
-5. HiRED's selection overhead alone (plan + select + pack, 5-crop layout, median of 1,000 calls).
+5. HiRED's selection overhead alone (plan + select + pack, 5-crop layout, median of 1,000 calls);
+6. the LLM engine against onnxruntime-genai: the decoder none/int8/int4 vs genai fp32/int4 at the prefill
+   lengths of budgets 1.0 and 0.2, interleaved rounds (bench.llm_peer; --skip-peer).
 Writes the raw runs as JSON and a stacked-bar PNG under bench-results/ and prints their paths.
 """
 
@@ -247,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"calls of plan+select+pack timed for the selection overhead [{FULL['overhead_calls']}; quick {QUICK['overhead_calls']}]")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="smoke-test settings: 1 run, no warm-up, 2 new tokens, 100 overhead calls (flags given explicitly win)")  # fmt: skip
+    p.add_argument("--skip-peer", action="store_true",
+                   help="skip the LLM engine vs onnxruntime-genai section (bench.llm_peer; minutes; also skipped "
+                   "with --bundle or --quick)")
     p.add_argument("--skip-torch", action="store_true",
                    help="skip the transformers / export/reference.py comparison (needs torch + the source model)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
@@ -368,6 +373,12 @@ def run(args: argparse.Namespace) -> dict:
         )
     print(line + "\n")
     overhead = {"median_us": us, "calls": settings["overhead_calls"], "share_of_ttft": share}
+    peer = None
+    if not (args.skip_peer or args.bundle or args.quick):
+        from bench.llm_peer import bench_section
+
+        _say("the LLM engine against onnxruntime-genai (bench.llm_peer) ...")
+        peer = bench_section(args.model, bundle_for(args.model, Path(args.artifacts))[1], threads=args.threads or 2)
     print("## Summary\n")
     print("\n".join(report.summary_lines(ups, comp, overhead)) + "\n")
 
@@ -401,6 +412,7 @@ def run(args: argparse.Namespace) -> dict:
         "comparisons": comp,
         "torch_side": torch_record,
         "selection_overhead": overhead,
+        "llm_peer": peer,
         "stage_runs": records,
     }
     out = Path(args.out)

@@ -384,6 +384,44 @@ def run(checkpoint: Path, work: Path, engines: list[str], rounds: int, new_token
     }
 
 
+def bench_section(model: str, checkpoint: Path | None, *, rounds: int = 5, new_tokens: int = 32, threads: int = 2,
+                  work_root: Path | None = None, log=_say) -> dict | None:
+    """`make bench`'s LLM-engine section for registry model (or checkpoint folder) `model`: prints the table and
+    returns the record (None when skipped, with one line saying why)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        print("## LLM engine vs onnxruntime-genai: skipped (onnxruntime-genai is not installed: "
+              "pip install onnxruntime-genai, or the bench extra)\n")
+        return None
+    work = (work_root or REPO_ROOT / "bench-results" / "llm-peer") / (checkpoint.name if checkpoint else model)
+    if checkpoint is None:
+        local = REPO_ROOT / "checkpoints" / model
+        checkpoint = local if (local / "config.json").is_file() else work / "checkpoint"
+        if not (checkpoint / "config.json").is_file():
+            from models import registry
+            from models.build import count_params
+
+            if model not in registry.names() or count_params(registry.get(model)) > 1e9:
+                print(f"## LLM engine vs onnxruntime-genai: skipped ({model} has no checkpoint folder on disk and "
+                      "is too large to build one with random weights here)\n")
+                return None
+            _run([sys.executable, "-m", "models.build", model, "--out", str(checkpoint), "--force"], f"{model} checkpoint")
+    engines = list(ENGINES)
+    record = run(checkpoint.resolve(), work.resolve(), engines, rounds, new_tokens, threads)
+    print("## LLM engine vs onnxruntime-genai (same LLM weights and prompt ids, interleaved rounds)\n")
+    print(f"prompt lengths {record['lengths']} (budgets 1.0 / 0.2 on a {IMAGE_SIDE}x{IMAGE_SIDE} image); "
+          f"{new_tokens} greedy tokens; {threads} intra-op threads each; medians of {rounds} rounds; peak RSS of "
+          "each engine's own process\n")
+    print("\n".join(table_lines(record["rows"], record["ratios"])) + "\n")
+    for length, q in record["fidelity"].items():
+        for engine, f in q.items():
+            print(f"fidelity @ {int(length):,}: {engine} vs project-none: prefill logits cosine {f['cosine']:.4f}, "
+                  f"greedy agreement {f['greedy_agreement']:.0%} of 16 tokens")
+    print()
+    return record
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.llm_peer", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, help="LLaVA-NeXT checkpoint folder (e.g. checkpoints/bench)")
