@@ -214,18 +214,19 @@ def explain(e: BaseException, repo_id: str, where: Path | None = None) -> Downlo
             f"disk full while downloading {repo_id} into {place}: free some space there, or pass --download-dir "
             "on a larger disk (or set HF_HOME), then run again; finished files are kept"
         )
-    if isinstance(e, GatedRepoError) or status in (401, 403):
-        token = "HF_TOKEN is set but that token has no access" if hub.get_token() else "no HF_TOKEN is set"
+    token = "HF_TOKEN is set but that token has no access" if hub.get_token() else "no HF_TOKEN is set"
+    if isinstance(e, GatedRepoError) or (status == 403 and not isinstance(e, RepositoryNotFoundError)):
         return DownloadError(
             f"{repo_id} is gated or private ({status or 'access refused'}; {token}): accept its licence at {url} "
             "while logged in, then set HF_TOKEN to a read token of that account (or run `hf auth login`) and run again"
         )
     if isinstance(e, RevisionNotFoundError):
         return DownloadError(f"{repo_id} has no such revision on {endpoint()} (404): check the revision and run again")
-    if isinstance(e, RepositoryNotFoundError) or status == 404:
+    if isinstance(e, RepositoryNotFoundError) or status in (401, 404):  # the hub answers 401 for a missing repo too
+        private = "" if status == 404 else f" or is private ({token})"
         return DownloadError(
-            f"{repo_id} was not found on {endpoint()} (404): check the model's hub id (models/registry.py) and "
-            "HF_ENDPOINT; if it is private, set HF_TOKEN"
+            f"{repo_id} was not found on {endpoint()} ({status}){private}: check the model's hub id "
+            "(models/registry.py) and HF_ENDPOINT; if it is private or gated, set HF_TOKEN to a read token with access"
         )
     if _network_error(e) or isinstance(e, hub.utils.LocalEntryNotFoundError):
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__

@@ -11,7 +11,7 @@ Endpoints (what huggingface_hub 2.4 requests; older versions use the same ones):
   GET  /api/models/{repo}/tree/{rev}       the file listing (path, size, oid, lfs) on one page
   HEAD /{repo}/resolve/{rev}/{path}        X-Repo-Commit, ETag (X-Linked-Etag/-Size for LFS files), Content-Length
   GET  /{repo}/resolve/{rev}/{path}        the bytes; honours `Range: bytes=N-` (206, Content-Range)
-Unknown repos answer 404 RepoNotFound; a repo in `gated` answers 401 GatedRepo without `Bearer <its token>`
+Unknown repos answer RepoNotFound (401 without a token, 404 with one, as the hub does); a repo in `gated` answers 401 GatedRepo without `Bearer <its token>`
 and 403 GatedRepo with another one. `cut` drops the connection mid-file once; `fail` answers 500 for a file's
 GETs while its count lasts. The server stops itself after `lifetime` seconds whatever the test does.
 """
@@ -124,8 +124,8 @@ class FakeHub:
                 with hub.lock:
                     hub.log.append(("HEAD" if head else "GET", repo, file_path or "/".join(rest),
                                     self.headers.get("Range"), self.headers.get("Authorization")))  # fmt: skip
-                if repo not in hub.repos:
-                    return self._error(404, "RepoNotFound", head)
+                if repo not in hub.repos:  # as the hub does: 401 to a request without a token, 404 with one
+                    return self._error(401 if self.headers.get("Authorization") is None else 404, "RepoNotFound", head)
                 if repo in hub.gated:
                     auth = self.headers.get("Authorization")
                     if auth != f"Bearer {hub.gated[repo]}":

@@ -243,11 +243,30 @@ def test_gated_repo_with_its_token_downloads(fresh, tmp_path):
     _same_files(Path(proc.stdout.strip()), fresh, "test/gated")
 
 
-def test_missing_repo_is_one_line(fresh, tmp_path):
-    proc = _run(["-m", "models.download", "--repo", "test/nothing"], fresh.env(tmp_path / "hf"), tmp_path)
+@pytest.mark.parametrize("token", [None, "any"])
+def test_missing_repo_is_one_line(fresh, tmp_path, token):
+    extra = {"HF_TOKEN": token} if token else {}
+    proc = _run(["-m", "models.download", "--repo", "test/nothing"], fresh.env(tmp_path / "hf", **extra), tmp_path)
     assert proc.returncode == 2
     line = _error_line(proc)
-    assert "not found" in line and "404" in line and "test/nothing" in line, line
+    assert "test/nothing was not found" in line and "HF_TOKEN" in line, line
+    assert ("(401) or is private (no HF_TOKEN is set)" in line) if token is None else ("(404):" in line), line
+
+
+def test_full_disk_during_the_transfer_is_one_line(fresh, tmp_path):
+    code = (
+        "import errno, sys\n"
+        "import huggingface_hub.file_download as fd\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "fd.http_get = full\n"
+        "from models.download import main\n"
+        f"sys.exit(main(['--repo', {REPO!r}]))\n"
+    )
+    proc = _run(["-c", code], fresh.env(tmp_path / "hf"), tmp_path)
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert "disk full while downloading test/tiny" in line and "--download-dir" in line, line
 
 
 def test_unreachable_hub_is_one_line(fresh, tmp_path):
