@@ -539,3 +539,50 @@ def test_tiny_endpoint_answers_equal_the_local_run(tiny_run, bundle, tmp_path):
         server.terminate()
         server.wait(60)
         log.close()
+
+
+# ---- several selectors in one run --------------------------------------------------------------------------------
+class SelectorModel(FakeModel):
+    """FakeModel that also takes a selector (and the random selector's seed)."""
+
+    def answer(self, image, prompt, *, budget, alpha, max_new_tokens, path=None, selector="hired", seed=None):
+        self.calls.append((prompt, budget, selector, seed))
+        return Reply(f"{prompt}@{budget}" if selector != "cls" else "other", 100, 1.0, 0.5)
+
+
+def test_selectors_get_their_answer_files_and_summary_rows_and_full_runs_once(tmp_path):
+    from bench.eval.run import parse_selectors
+
+    qs, out = _sample(3), tmp_path / "out"
+    model = SelectorModel()
+    s = _run(model, out, qs, budgets=(1.0, 0.2), selectors=("hired", "cls", "random"))
+    assert [(b["selector"], b["budget"]) for b in s["budgets"]] == [("hired", 1.0), ("hired", 0.2), ("cls", 0.2),
+                                                                     ("random", 0.2)]  # fmt: skip
+    assert sum(1 for c in model.calls if c[1] == 1.0) == 3  # budget 1.0 (the stock model) once per question
+    assert {c[3] for c in model.calls if c[2] == "random"} == {0, 1, 2}  # seeded by the question's index
+    for selector, name in (("hired", "answers-0.2.jsonl"), ("cls", "answers-cls-0.2.jsonl")):
+        lines = read_answers(out / name)
+        assert len(lines) == 3 and lines[0]["metadata"].get("selector", "hired") == selector
+    cls_row = s["budgets"][2]
+    assert cls_row["loyalty"] == 0.0 and s["budgets"][1]["loyalty"] == 0.0  # "@0.2" differs from "@1.0"
+    md = (out / "summary.md").read_text()
+    assert "| selector budget |" in md and "| cls 0.2 |" in md
+    again = SelectorModel()
+    _run(again, out, qs, budgets=(1.0, 0.2), selectors=("hired", "cls", "random"))
+    assert again.calls == []  # resumed: nothing left
+    with pytest.raises(BudgetError, match="'best' is not a selector; the choices are hired, cls, uniform"):
+        parse_selectors("hired,best")
+
+
+def test_tiny_sample_set_runs_every_selector(bundle, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.eval", "--artifacts", str(bundle), "--questions",
+                        str(SAMPLE / "questions.jsonl"), "--image-folder", str(SAMPLE / "images"), "--budgets",
+                        "1.0,0.2", "--selectors", "hired,cls,uniform,random,visionzip", "--limit", "2",
+                        "--max-new-tokens", "2", "--no-progress", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rows = {(b["selector"], b["budget"]): b for b in s["budgets"]}
+    assert set(rows) == {("hired", 1.0)} | {(n, 0.2) for n in ("hired", "cls", "uniform", "random", "visionzip")}
+    kept = {k: b["kept_mean"] for k, b in rows.items() if k[1] == 0.2}
+    assert len(set(kept.values())) == 1  # every selector keeps HiRED's count

@@ -28,7 +28,8 @@ Input: LLaVA's question jsonl (question_id, image relative to --image-folder, te
 the same line (answer; answers: list, VQA-style; label: yes/no, POPE-style) or in --answers (jsonl by question_id,
 POPE label files, TextVQA/VQAv2 annotation json).
 Output in --out: answers-<budget>.jsonl (LLaVA's answer format; metadata: budget, alpha, visual_tokens_kept,
-ttft_ms), summary.json, summary.md, summary.png, run.json. A killed run resumes with the same command; an --out
+ttft_ms; with --selectors, answers-<selector>-<budget>.jsonl for selectors other than hired, and the summary has
+one row per (selector, budget); budget 1.0 is the stock model for all and runs once), summary.json, summary.md, summary.png, run.json. A killed run resumes with the same command; an --out
 holding another run's answers (other model, alpha, max tokens, questions or prompts) is refused.
 Metrics: exact (VQAv2-normalised match), vqa (VQAv2 soft accuracy over the answers list), choice (option letter),
 yesno (POPE: accuracy, precision, recall, F1, yes-ratio); auto picks per question from its key: answers -> vqa,
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answers", type=Path, default=None, help="answer keys: jsonl by question_id, POPE label file, "
                    "TextVQA/VQAv2 annotation json")  # fmt: skip
     p.add_argument("--budgets", default="1.0,0.5,0.2,0.1", help="rates in (0, 1], comma-separated (default %(default)s)")
+    p.add_argument("--selectors", default="hired", help="token selectors to compare, comma-separated, from hired, "
+                   "cls, uniform, random, visionzip (default %(default)s); each gets its answer files and summary rows")  # fmt: skip
     p.add_argument("--alpha", type=float, default=None, help="base image's share of the budget (default: the bundle's)")
     p.add_argument("--metric", choices=("auto", *METRICS), default="auto", help="scorer (default auto, per question)")
     p.add_argument("--answer-style", choices=(*ANSWER_STYLES, "free"), default="as-is",
@@ -89,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from bench.eval.models import EndpointModel, LocalModel
-    from bench.eval.run import evaluate, parse_budgets
+    from bench.eval.run import evaluate, parse_budgets, parse_selectors
 
     budgets = parse_budgets(args.budgets)
+    selectors = parse_selectors(args.selectors)
     if args.max_new_tokens < 1:
         raise EvalError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.alpha is not None and not 0 <= args.alpha <= 1:
@@ -122,7 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     }
     try:
         s = evaluate(model, questions, args.out, budgets=budgets, image_folder=image_folder, alpha=args.alpha,
-                     max_new_tokens=args.max_new_tokens, progress=not args.no_progress, readable=readable)  # fmt: skip
+                     max_new_tokens=args.max_new_tokens, progress=not args.no_progress, readable=readable,
+                     selectors=selectors)  # fmt: skip
     finally:
         model.close()
     from bench.eval.summary import summary_markdown

@@ -89,13 +89,14 @@ class LocalModel:
         return float(self.pipeline.defaults.alpha)
 
     def answer(self, image: np.ndarray, prompt: str, *, budget: float, alpha: float | None,
-               max_new_tokens: int, path: Path | None = None) -> Reply:  # fmt: skip
+               max_new_tokens: int, path: Path | None = None, selector: str = "hired",
+               seed: int | None = None) -> Reply:  # fmt: skip
         """`image`: the question's picture as read_image returned it (`path`, its file, is not needed here)."""
         from runtime.errors import ImageError, PromptError
 
         try:
             r = self.pipeline.generate(image, prompt, budget=budget, alpha=alpha, max_new_tokens=max_new_tokens,
-                                       temperature=0.0)  # fmt: skip
+                                       temperature=0.0, selector=selector, seed=seed)  # fmt: skip
         except (ImageError, PromptError) as err:
             raise QuestionError(f"{type(err).__name__}: {err}") from None
         ttft = sum(float(r.timings_ms[k]) for k in TTFT_STAGES)
@@ -137,15 +138,18 @@ class EndpointModel:
         return None
 
     def answer(self, image: np.ndarray, prompt: str, *, budget: float, alpha: float | None,
-               max_new_tokens: int, path: Path | None = None) -> Reply:  # fmt: skip
+               max_new_tokens: int, path: Path | None = None, selector: str = "hired",
+               seed: int | None = None) -> Reply:  # fmt: skip
         """Sends the image file's own bytes (`path`) as a data URL, or `image` encoded as PNG without a path."""
         url = _data_url(image, path)
         hired = {"budget": budget} | ({} if alpha is None else {"alpha": alpha})
+        if selector != "hired":  # servers that predate selectors still take HiRED requests
+            hired["selector"] = selector
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
         try:
             resp = self.client.chat.completions.create(
                 model=self.model_id, messages=[{"role": "user", "content": content}], max_tokens=max_new_tokens,
-                temperature=0.0, extra_body={"hired": hired},
+                temperature=0.0, extra_body={"hired": hired}, **({} if seed is None else {"seed": seed}),
             )  # fmt: skip
         except self._openai.BadRequestError as err:  # this question was refused (image, prompt): record it
             raise QuestionError(f"endpoint refused the request: {_api_message(err)}") from None

@@ -1,8 +1,10 @@
-"""The run: every question at every budget, one LLaVA answer line appended per answer, resumable.
+"""The run: every question at every (selector, budget), one LLaVA answer line appended per answer, resumable.
 
-    out = OutDir(Path("out/eval"), budgets=(1.0, 0.2))
-    done = out.open(identity, questions)        # checks run.json, returns answers already written per budget
-    run_questions(model, questions, out, done, alpha=None, max_new_tokens=16)
+    runs = plan_runs((1.0, 0.2), ("hired", "cls"))   # [("hired", 1.0), ("hired", 0.2), ("cls", 0.2)]
+    done = open_out(out, config, questions, runs)    # checks run.json, returns answers already written per run
+    run_questions(model, questions, out, done, image_folder=folder, alpha=None, max_new_tokens=16)
+
+Budget 1.0 is the stock model whatever the selector (runtime.options), so it runs once, under the first selector.
 
 Files in the output folder:
 - `run.json`: what the answers depend on (the model's identity, alpha, max_new_tokens and a digest of the questions
@@ -10,8 +12,9 @@ Files in the output folder:
   is refused rather than mixed in; the budgets, the metric used for scoring and the answer keys may change.
 - `answers-<budget>.jsonl` (e.g. `answers-0.2.jsonl`): LLaVA's answer format, one line per question in question
   order: `question_id`, `prompt` (the user text sent, without template or `<image>`), `text`, `answer_id`,
-  `model_id`, `metadata` {`budget`, `alpha`, `visual_tokens_kept`, `ttft_ms`, `image`, and `error` when the
-  question could not be answered}.
+  `model_id`, `metadata` {`budget`, `alpha`, `visual_tokens_kept`, `ttft_ms`, `image`, `selector` for a selector
+  other than hired, and `error` when the question could not be answered}. Selectors other than hired write
+  `answers-<selector>-<budget>.jsonl` (e.g. `answers-visionzip-0.2.jsonl`).
 
 Lines are written whole and flushed one by one, question by question (all budgets of a question, then the next),
 so a killed run keeps every finished answer. On resume, a cut last line is dropped, the lines present are checked
@@ -45,8 +48,15 @@ def format_budget(budget: float) -> str:
     return repr(float(budget))
 
 
-def answers_path(out: Path, budget: float) -> Path:
-    return out / f"answers-{format_budget(budget)}.jsonl"
+def answers_path(out: Path, budget: float, selector: str = "hired") -> Path:
+    """answers-<budget>.jsonl for HiRED (the default selector), answers-<selector>-<budget>.jsonl for another."""
+    tag = "" if selector == "hired" else f"{selector}-"
+    return out / f"answers-{tag}{format_budget(budget)}.jsonl"
+
+
+def plan_runs(budgets: Sequence[float], selectors: Sequence[str] = ("hired",)) -> list[tuple[str, float]]:
+    """(selector, budget) pairs in run order; budget 1.0 (the stock model for every selector) only once."""
+    return [(s, float(b)) for s in selectors for b in budgets if float(b) < 1.0 or s == selectors[0]]
 
 
 def questions_digest(questions: Sequence[Question]) -> str:
@@ -77,8 +87,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def open_out(out: Path, config: dict[str, Any], questions: Sequence[Question],
-             budgets: Sequence[float]) -> dict[float, int]:  # fmt: skip
-    """Check (or start) the output folder; the number of answers already written per budget.
+             runs: Sequence[tuple[str, float]]) -> dict[tuple[str, float], int]:  # fmt: skip
+    """Check (or start) the output folder; the number of answers already written per (selector, budget).
 
     Raises OutDirError when the folder holds another run's answers, or answer lines that do not follow the
     questions. A last line cut short by a kill is removed."""
@@ -103,7 +113,7 @@ def open_out(out: Path, config: dict[str, Any], questions: Sequence[Question],
             "pass another --out or delete those files"
         )
     _write_json_atomic(run_file, config)
-    return {b: _check_answers(answers_path(out, b), questions) for b in budgets}
+    return {(s, b): _check_answers(answers_path(out, b, s), questions) for s, b in runs}
 
 
 def _describe(key: str, old: Any, new: Any) -> str:
@@ -152,10 +162,13 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
 
 
 def answer_record(q: Question, *, text: str, model_id: str, budget: float, alpha: float | None,
-                  kept: int | None, ttft_ms: float | None, error: str | None = None) -> dict[str, Any]:  # fmt: skip
+                  kept: int | None, ttft_ms: float | None, error: str | None = None,
+                  selector: str = "hired") -> dict[str, Any]:  # fmt: skip
     """One line of LLaVA's answer format with this tool's metadata."""
     meta: dict[str, Any] = {"budget": float(budget), "alpha": alpha, "visual_tokens_kept": kept,
                             "ttft_ms": ttft_ms, "image": q.image}  # fmt: skip
+    if selector != "hired":
+        meta["selector"] = selector
     if error is not None:
         meta["error"] = error
     return {
@@ -168,16 +181,16 @@ def answer_record(q: Question, *, text: str, model_id: str, budget: float, alpha
     }
 
 
-def run_questions(model, questions: Sequence[Question], out: Path, done: dict[float, int], *, image_folder: Path,
-                  alpha: float | None, max_new_tokens: int, progress: bool = True) -> int:  # fmt: skip
-    """Answer every (question, budget) not yet in the answers files; returns how many were answered now."""
+def run_questions(model, questions: Sequence[Question], out: Path, done: dict[tuple[str, float], int], *,
+                  image_folder: Path, alpha: float | None, max_new_tokens: int, progress: bool = True) -> int:  # fmt: skip
+    """Answer every (question, selector, budget) not yet in the answers files; returns how many were answered now."""
     from tqdm import tqdm
 
-    budgets = list(done)
+    budgets = list(done)  # (selector, budget) runs
     todo = sum(max(0, len(questions) - done[b]) for b in budgets)
     if todo == 0:
         return 0
-    files = {b: open(answers_path(out, b), "a", encoding="utf-8") for b in budgets}
+    files = {(s, b): open(answers_path(out, b, s), "a", encoding="utf-8") for s, b in budgets}
     bar = tqdm(total=todo, unit="answer", desc="eval", file=sys.stderr, disable=not progress, smoothing=0.1,
                dynamic_ncols=True)  # fmt: skip
     count = 0
@@ -191,21 +204,25 @@ def run_questions(model, questions: Sequence[Question], out: Path, done: dict[fl
                 image, image_error = read_image(path), None
             except QuestionError as err:
                 image, image_error = None, str(err)
-            for b in need:
-                bar.set_postfix_str(f"budget {format_budget(b)}, question {i + 1}/{len(questions)}", refresh=False)
+            for sel, b in need:
+                bar.set_postfix_str(f"{sel} {format_budget(b)}, question {i + 1}/{len(questions)}", refresh=False)
                 error = image_error
+                chosen = {} if sel == "hired" else {"selector": sel}  # models that know only HiRED still work
+                if sel == "random":  # reproducible draws: the question's index seeds them
+                    chosen["seed"] = i
                 if error is None:
                     try:
-                        r = model.answer(image, q.prompt, budget=b, alpha=alpha, max_new_tokens=max_new_tokens, path=path)
+                        r = model.answer(image, q.prompt, budget=b, alpha=alpha, max_new_tokens=max_new_tokens,
+                                         path=path, **chosen)  # fmt: skip
                     except QuestionError as err:
                         error = str(err)
                 if error is None:
                     rec = answer_record(q, text=r.text, model_id=model.model_id, budget=b, alpha=r.alpha,
-                                        kept=r.kept, ttft_ms=r.ttft_ms)  # fmt: skip
+                                        kept=r.kept, ttft_ms=r.ttft_ms, selector=sel)  # fmt: skip
                 else:
                     rec = answer_record(q, text="", model_id=model.model_id, budget=b, alpha=alpha, kept=None,
-                                        ttft_ms=None, error=error)  # fmt: skip
-                f = files[b]
+                                        ttft_ms=None, error=error, selector=sel)  # fmt: skip
+                f = files[(sel, b)]
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")  # one write per line: whole or cut, never mixed
                 f.flush()
                 count += 1
@@ -235,18 +252,33 @@ def parse_budgets(text: str) -> tuple[float, ...]:
     return tuple(out)
 
 
+def parse_selectors(text: str) -> tuple[str, ...]:
+    """"hired,cls" -> ("hired", "cls"): each one of hired.selectors.SELECTORS, no repeats (BudgetError otherwise)."""
+    from hired.selectors import SELECTORS
+    from runtime.errors import BudgetError
+
+    out = tuple(part.strip() for part in str(text).split(","))
+    for name in out:
+        if name not in SELECTORS:
+            raise BudgetError(f"--selectors: {name!r} is not a selector; the choices are {', '.join(SELECTORS)}")
+    if len(set(out)) != len(out):
+        raise BudgetError(f"--selectors: a selector is given twice in {text!r}")
+    return out
+
+
 def evaluate(model, questions: Sequence[Question], out: Path, *, budgets: Sequence[float], image_folder: Path,
              alpha: float | None = None, max_new_tokens: int = 128, progress: bool = True,
-             readable: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Answer the prepared `questions` with `model` at every budget into `out` (resuming), then write and return
-    the summary. The model is loaded only when something is left to answer."""
+             readable: dict[str, Any] | None = None, selectors: Sequence[str] = ("hired",)) -> dict[str, Any]:  # fmt: skip
+    """Answer the prepared `questions` with `model` at every (selector, budget) into `out` (resuming), then write
+    and return the summary. The model is loaded only when something is left to answer."""
     from bench.eval.summary import summarize, write_summary
 
     config = run_config(model.identity(), questions, alpha=alpha, max_new_tokens=max_new_tokens, **(readable or {}))
-    done = open_out(out, config, questions, budgets)
+    runs = plan_runs(budgets, tuple(selectors))
+    done = open_out(out, config, questions, runs)
     run_questions(model, questions, out, done, image_folder=image_folder, alpha=alpha, max_new_tokens=max_new_tokens,
                   progress=progress)  # fmt: skip
-    answers = {float(b): read_answers(answers_path(out, b)) for b in budgets}
+    answers = {(s, b) if tuple(selectors) != ("hired",) else b: read_answers(answers_path(out, b, s)) for s, b in runs}
     s = summarize(questions, answers, model_id=model.model_id)
     write_summary(out, s)
     return s
