@@ -20,24 +20,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from export.errors import ExportError, ExportInterrupted
+from runtime.leftovers import leftover_pattern
 from runtime.manifest import MANIFEST_NAME
 
 STAGING_PREFIX = ".{name}.export-"
 OLD_PREFIX = ".{name}.old-"
 DELETING_SUFFIX = ".deleting"  # the previous bundle inside an .old- folder is renamed so before it is deleted
 MAX_MANIFEST_BYTES = 64 << 20
-
-
-def leftover_pattern(name: str) -> re.Pattern[str]:
-    """The names tempfile.mkdtemp gives this module's staging and old-bundle folders of bundle `name`."""
-    return re.compile(rf"^\.{re.escape(name)}\.(export|old)-[a-z0-9_]{{8}}$")
 
 
 def is_bundle(folder: Path) -> bool:

@@ -25,6 +25,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -44,6 +45,7 @@ from runtime.errors import (
 from runtime.generate import Generation, stream_text
 from runtime.governor import Governor, auto_budget, calibrate
 from runtime.image import DEFAULT_MAX_PIXELS, load_image
+from runtime.leftovers import remove_old_bundles
 from runtime.manifest import Manifest
 from runtime.options import RequestOptions, SamplingConfig
 from runtime.preprocess import preprocess
@@ -205,8 +207,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, artifacts: str | os.PathLike, *, provider: str = "cpu", **options) -> Pipeline:
-        """Open a bundle folder (checks version, keys, paths and hashes) and create its sessions."""
-        return cls(Manifest.from_file(artifacts), provider=provider, **options)
+        """Open a bundle folder (checks version, keys, paths and hashes) and create its sessions.
+
+        A bundle that loads is complete, so the `.<name>.old-*` folders a killed export left beside it go."""
+        pipe = cls(Manifest.from_file(artifacts), provider=provider, **options)
+        remove_old_bundles(Path(artifacts))
+        return pipe
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(self, image, prompt: str | Chat, *, trace: Trace | None = None, **options) -> GenerationResult:

@@ -294,3 +294,25 @@ def test_session_run_refuses_a_wrong_dtype_naming_the_tensor(pipe):
         proj.run({"nope": np.zeros((2, width), np.float32)})
     (out,) = proj.run({name: np.zeros((2, width), np.float32)}, [proj.outputs["projected"]])
     assert out.shape == (2, pipe.manifest.text.hidden_size)
+
+
+def test_load_deletes_the_half_deleted_old_bundle_a_killed_export_left_and_nothing_else(tiny_bundle, tmp_path):
+    import shutil
+
+    from runtime.leftovers import remove_old_bundles
+
+    bundle = tmp_path / "model"
+    shutil.copytree(tiny_bundle, bundle)
+    half = tmp_path / ".model.old-q7x_0p2m" / "model.deleting"  # export killed while deleting the previous bundle
+    half.mkdir(parents=True)
+    (half / "decoder.onnx").write_bytes(b"partial")
+    staging = tmp_path / ".model.export-zz9_k1ab"  # an export may be writing now: never touched at load
+    staging.mkdir()
+    others = [".model.old-notes", "model.old-abcd1234", ".other.old-abcd1234"]
+    for name in others:
+        (tmp_path / name).mkdir()
+    with Pipeline.load(bundle) as p:
+        assert p.generate(np.zeros((40, 60, 3), np.uint8), "What is it?", max_new_tokens=1).token_ids
+    assert not half.parent.exists()
+    assert staging.is_dir() and all((tmp_path / n).is_dir() for n in others)
+    assert remove_old_bundles(tmp_path / "missing" / "model") == []
