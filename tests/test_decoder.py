@@ -110,6 +110,23 @@ def test_shared_buffer_and_concat_runs_give_the_same_logits(session, embed, mani
     np.testing.assert_allclose(k, cb.values[0], atol=1e-5)
 
 
+def test_a_chunked_prefill_equals_one_call(session, embed, manifest, monkeypatch):
+    """Prefill in chunks (each attending to the cache written so far) gives the logits and cache of one call."""
+    import runtime.decoder
+
+    x = prompt(embed, 37, seed=1)
+    whole, cw = decoder(session, embed, manifest.text, CONCAT).prefill(x, max_new_tokens=4)
+    calls = []
+    dec = decoder(session, embed, manifest.text)
+    run = dec._run
+    dec._run = lambda e, start, cache: calls.append((start, e.shape[0])) or run(e, start, cache)
+    monkeypatch.setattr(runtime.decoder, "PREFILL_CHUNK", 8)
+    chunked, cc = dec.prefill(x, max_new_tokens=4)
+    assert calls == [(0, 8), (8, 8), (16, 8), (24, 8), (32, 5)]
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    np.testing.assert_allclose(cc.values[1].numpy()[:, :, :37], cw.values[1], atol=1e-5)
+
+
 def test_a_decode_to_the_context_limit_reuses_one_buffer_and_keeps_memory_flat(session, embed, manifest):
     limit = 1024  # a model context of 1,024 tokens: a 1-token prompt then 1,023 decode steps fill it
     dec = decoder(session, embed, dataclasses.replace(manifest.text, max_position_embeddings=limit))
