@@ -386,6 +386,11 @@ def ensure_checkpoint(
             problems = missing_files(folder, tokenizer=needs_tok)
             if not problems:
                 return folder
+            if download_dir is None and (folder / ".cache" / "huggingface").is_dir():  # an earlier --download-dir
+                log(f"{folder} is incomplete ({_summary(problems)}); resuming its download")
+                download_dir = folder
+                into = folder.resolve()
+                continue
             log(f"{folder} is incomplete ({_summary(problems)}); looking elsewhere")
     candidates = [Path(download_dir).expanduser()] if download_dir is not None else []
     if offline():

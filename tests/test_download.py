@@ -309,3 +309,21 @@ def test_random_weights_never_ask_the_hub_and_a_bad_out_is_refused_before_downlo
         assert "neither empty nor a bundle" in _error_line(proc)
     assert fresh.log == []  # neither run asked the hub anything
     assert (taken / "notes.txt").read_text() == "mine"
+
+
+def test_partial_download_in_checkpoints_folder_is_resumed_there(fresh, tmp_path):
+    """An interrupted `--download-dir checkpoints/<name>` is neither used nor abandoned: the next run, without
+    the flag, finishes it in place."""
+    env = fresh.env(tmp_path / "hf")
+    fresh.fail[REPO] = {SHARDS[1]: 1}
+    ensure = REGISTER + "from models.download import main\nsys.exit(main(sys.argv[1:]))\n"
+    first = _run(["-c", ensure, "tiny-hub", "--download-dir", "checkpoints/tiny-hub"], env, tmp_path)
+    assert first.returncode == 2 and "command again" in _error_line(first)
+    folder = tmp_path / "checkpoints" / "tiny-hub"
+    assert (folder / "config.json").is_file() and SHARDS[1] in missing_files(folder)
+    second = _run(["-c", ensure, "tiny-hub"], env, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "is incomplete (" in second.stderr and "resuming its download" in second.stderr
+    assert Path(second.stdout.strip()).resolve() == folder.resolve()
+    assert [len(fresh.gets(s)) for s in SHARDS] == [1, 2]
+    _same_files(folder, fresh)
