@@ -16,7 +16,9 @@ Otherwise `huggingface_hub.snapshot_download` fetches only what export reads (*.
 index, tokenizer files; never pickled *.bin weights or remote code), with its progress bars, into the HF cache
 (HF_HOME / HF_HUB_CACHE) or `download_dir`. Files already complete are kept, a dropped connection is resumed with
 an HTTP Range request, and the folder is checked again afterwards: a partial download is reported, never used,
-and the next run fetches only what is missing. HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured (read by
+and the next run fetches only what is missing (into the same folder: a partial checkpoints/<name> that an
+earlier `--download-dir` left is finished in place). huggingface_hub 2.4 discards a file's partial bytes when
+its process stops, so across runs the unit of resumption is the finished file. HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE are honoured (read by
 huggingface_hub when it is imported). Every failure is a `DownloadError` of one line saying what to do.
 
 Imports no torch or transformers.
