@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import runtime.pipeline as pipeline_module  # noqa: E402
 from runtime.errors import BundleError, GenerationError  # noqa: E402
+from runtime.image import DEFAULT_MAX_PIXELS  # noqa: E402
 from runtime.manifest import Manifest, sha256_file  # noqa: E402
 from serving.protocol import INPUTS, answer_requests  # noqa: E402
 
@@ -82,7 +83,7 @@ class TritonPythonModel:
             for name, w in wiring.items()
         }
         self.pipe = pipeline_module.Pipeline.from_sessions(
-            manifest, **graphs, max_pixels=int(params.get("max_pixels", "64000000"))
+            manifest, **graphs, max_pixels=int(params.get("max_pixels", DEFAULT_MAX_PIXELS))
         )
 
     def execute(self, requests):
