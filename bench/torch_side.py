@@ -75,16 +75,16 @@ def load_bundle_model(manifest):
     how: one line saying where the weights came from.
     """
     import torch
-    from transformers import LlavaNextProcessor
 
     from models import registry
+    from models.arch import processor_class
     from models.build import build_processor
     from models.load import load_model
 
     source = checkpoint_folder(manifest.model.source)
     if source is not None:
         model, tokenizer, info = load_model(str(source), dtype=torch.float32)
-        processor = LlavaNextProcessor.from_pretrained(str(source))
+        processor = processor_class(model.config.model_type).from_pretrained(str(source))  # LlavaNext or Llava
         return model, processor.tokenizer, processor, f"checkpoint folder {source} ({info.source})"
     if not manifest.model.random_weights:
         raise FileNotFoundError(
@@ -104,7 +104,9 @@ def same_weights(manifest, model) -> bool:
     embed = np.load(manifest.path("embed_tokens"))
     newline = np.load(manifest.path("image_newline"))
     ours_embed = model.get_input_embeddings().weight.detach().float().numpy()
-    ours_newline = model.model.image_newline.detach().float().numpy()
+    from export.bundle import newline_vector
+
+    ours_newline = newline_vector(model, np.float32)  # zeros for LLaVA-1.5, which has no newline embedding
     return bool(
         embed.shape == ours_embed.shape
         and np.array_equal(embed.astype(np.float32), ours_embed)

@@ -76,13 +76,24 @@ def numpy_dtype(dtype: str) -> type:
 
 # ---------------------------------------------------------------------------------------------- files
 def write_arrays(model, folder: Path, dtype: str) -> dict[str, str]:
-    """embed_tokens.npy [V, Dt] and image_newline.npy [Dt] in the bundle dtype; returns {logical: file}."""
+    """embed_tokens.npy [V, Dt] and image_newline.npy [Dt] in the bundle dtype; returns {logical: file}.
+
+    LLaVA-1.5 has no newline embedding and its visual span no newline slot (one partition, no canvas rows), so
+    its image_newline.npy is zeros that the runtime never reads into the LLM."""
     np_dtype = numpy_dtype(dtype)
     embed = model.get_input_embeddings().weight.detach().float().cpu().numpy().astype(np_dtype)
-    newline = model.model.image_newline.detach().float().cpu().numpy().astype(np_dtype)
+    newline = newline_vector(model, np_dtype)
     np.save(folder / OTHER_FILES["embed_tokens"], embed, allow_pickle=False)
     np.save(folder / OTHER_FILES["image_newline"], newline, allow_pickle=False)
     return {"embed_tokens": OTHER_FILES["embed_tokens"], "image_newline": OTHER_FILES["image_newline"]}
+
+
+def newline_vector(model, np_dtype) -> np.ndarray:
+    """model.model.image_newline [Dt] as numpy, or zeros [Dt] for a model without one (LLaVA-1.5)."""
+    newline = getattr(model.model, "image_newline", None)
+    if newline is None:
+        return np.zeros(int(model.config.text_config.hidden_size), dtype=np_dtype)
+    return newline.detach().float().cpu().numpy().astype(np_dtype)
 
 
 def write_tokenizer(tokenizer, checkpoint: Path | None, folder: Path) -> Path:
@@ -176,7 +187,8 @@ def read_processor_config(checkpoint: Path | None) -> dict[str, Any] | None:
 def image_processor_spec(config, processor: Mapping[str, Any] | None) -> ImageProcessorSpec:
     """Preprocessing numbers from a checkpoint's processor config, else CLIP-336 defaults + the model's pinpoints.
 
-    Pinpoints are (height, width) pairs, as transformers stores them.
+    Pinpoints are (height, width) pairs, as transformers stores them. LLaVA-1.5 has none: an empty list tells the
+    runtime the image is one partition (shortest edge resized to `shortest_edge`, centre crop of `crop_size`).
     """
     side = int(config.vision_config.image_size)
     p = dict(processor or {})
@@ -187,7 +199,7 @@ def image_processor_spec(config, processor: Mapping[str, Any] | None) -> ImagePr
         crop = crop["height"]
     size = p.get("size", {"shortest_edge": side})
     shortest = size.get("shortest_edge", side) if isinstance(size, Mapping) else size
-    pins = p.get("image_grid_pinpoints", config.image_grid_pinpoints)
+    pins = p.get("image_grid_pinpoints", getattr(config, "image_grid_pinpoints", None)) or ()
     resample = p.get("resample", 3)
     resample = RESAMPLE_NAMES.get(resample, resample) if isinstance(resample, int) else str(resample).lower()
     return ImageProcessorSpec(

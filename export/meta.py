@@ -56,10 +56,10 @@ def meta_model(config, dtype: torch.dtype) -> tuple[nn.Module, dict[str, torch.T
     Buffers (rotary inv_freq, CLIP position_ids) are computed by the modules' own constructors on the CPU,
     kept aside, then the model moves to meta so export sees one device.
     """
-    from transformers import LlavaNextForConditionalGeneration
+    from models.arch import model_for
 
     with params_on_meta():
-        model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)
+        model = model_for(config)._from_config(config, dtype=dtype)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     return model.to("meta").eval(), buffers
 
@@ -277,9 +277,8 @@ def trace_graph(
 # ---------------------------------------------------------------------------------------------- sizing
 def model_config(name: str | os.PathLike):
     """(LlavaNextConfig, registry entry or None, checkpoint folder or None) of a registry name or a folder."""
-    from transformers import LlavaNextConfig
-
     from models import registry
+    from models.arch import config_class
     from models.load import CheckpointError, read_config, resolve_checkpoint
 
     text = os.fspath(name)
@@ -287,7 +286,8 @@ def model_config(name: str | os.PathLike):
     try:
         if text not in registry.names() and path.is_dir():  # a registry name wins over a same-named folder
             config = read_config(path)
-            return LlavaNextConfig.from_pretrained(str(path)), registry.match_config(config), path
+            cls = config_class(config["model_type"])
+            return cls.from_pretrained(str(path)), registry.match_config(config), path
         entry = registry.get(text)
     except (CheckpointError, ValueError) as e:
         raise ExportError(str(e)) from None
@@ -300,10 +300,10 @@ def model_config(name: str | os.PathLike):
 
 def fp32_bytes(config) -> int:
     """Bytes of the model's parameters in float32 (counted on the meta device)."""
-    from transformers import LlavaNextForConditionalGeneration
+    from models.arch import model_for
 
     with torch.device("meta"):
-        model = LlavaNextForConditionalGeneration._from_config(config)
+        model = model_for(config)._from_config(config)
     return 4 * sum(p.numel() for p in model.parameters())
 
 

@@ -1,4 +1,5 @@
-"""The PyTorch golden path of HiRED: transformers' LlavaNextForConditionalGeneration with visual tokens dropped.
+"""The PyTorch golden path of HiRED: transformers' LlavaNextForConditionalGeneration (or LLaVA-1.5's
+LlavaForConditionalGeneration, one partition per image) with visual tokens dropped.
 
     from export.reference import HiredReference
     ref = HiredReference(model, processor)                     # a loaded LlavaNext + its LlavaNextProcessor
@@ -211,12 +212,11 @@ class HiredReference:
         cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kw
     ) -> HiredReference:
         """Load a LLaVA-NeXT checkpoint folder (models.load) and its processor, on `device` in `dtype`."""
-        from transformers import LlavaNextProcessor
-
+        from models.arch import processor_class
         from models.load import load_model
 
         model, _, info = load_model(str(path), dtype=dtype)
-        processor = LlavaNextProcessor.from_pretrained(str(path))
+        processor = processor_class(model.config.model_type).from_pretrained(str(path))
         kw.setdefault("prompt_template", info.prompt_template)
         kw.setdefault("add_bos", info.add_bos)
         return cls(model, processor, device=device, **kw)
@@ -285,16 +285,20 @@ class HiredReference:
     def preprocess(self, image) -> tuple[torch.Tensor, AnyresLayout]:
         """image: PIL image or HxWx3 uint8 array -> (pixel_values [n, 3, S, S] on device/dtype, layout)."""
         batch = self.image_processor(images=[image], return_tensors="pt")
-        height, width = (int(v) for v in batch["image_sizes"][0])
+        pins = getattr(self.config, "image_grid_pinpoints", None) or ()  # none: LLaVA-1.5, one partition
+        if "image_sizes" in batch:
+            height, width = (int(v) for v in batch["image_sizes"][0])
+        else:
+            height, width = np.asarray(image).shape[:2]
         vc = self.config.vision_config
         layout = AnyresLayout.for_image(
             width=width,
             height=height,
-            grid_pinpoints=self.config.image_grid_pinpoints,
+            grid_pinpoints=pins,
             crop_size=int(vc.image_size),
             patch_size=int(vc.patch_size),
         )
-        pixels = batch["pixel_values"][0][: layout.n_images]
+        pixels = batch["pixel_values"][: layout.n_images] if layout.single else batch["pixel_values"][0][: layout.n_images]
         if pixels.shape[0] != layout.n_images:
             raise ValueError(
                 f"the processor gave {pixels.shape[0]} images, the layout expects {layout.n_images}"
@@ -319,7 +323,8 @@ class HiredReference:
         is_token = torch.from_numpy(order != NEWLINE).to(self.device)
         index = torch.from_numpy(order[order != NEWLINE]).to(self.device)
         projected = self.model.model.multi_modal_projector(flat[index])
-        newline = self.model.model.image_newline.to(projected.dtype)
+        newline = getattr(self.model.model, "image_newline", None)  # LLaVA-1.5 has none (and no NEWLINE slot)
+        newline = projected.new_zeros(projected.shape[-1]) if newline is None else newline.to(projected.dtype)
         visual = newline.expand(order.shape[0], -1).clone()
         visual[is_token] = projected
         return visual

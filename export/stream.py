@@ -289,10 +289,15 @@ def write_streaming(
         watchdog.stage = "embeddings"
         t0 = time.perf_counter()
         inits = param_inits(model)
-        for logical, param in (
-            ("embed_tokens", model.get_input_embeddings().weight),
-            ("image_newline", model.model.image_newline),
-        ):
+        newline = getattr(model.model, "image_newline", None)
+        if newline is None:  # LLaVA-1.5: no newline embedding and no newline slot; zeros keep the bundle's files
+            zeros = np.zeros(int(config.text_config.hidden_size), dtype=AS_NUMPY[dtype])
+            np.save(folder / OTHER_FILES["image_newline"], zeros, allow_pickle=False)
+            sha256["image_newline"] = sha256_file(folder / OTHER_FILES["image_newline"])
+            files["image_newline"] = OTHER_FILES["image_newline"]
+        for logical, param in (("embed_tokens", model.get_input_embeddings().weight), ("image_newline", newline)):
+            if param is None:
+                continue
             init = inits[id(param)]
             spec = WeightSpec(init.name, tuple(param.shape), np.dtype(AS_NUMPY[dtype]), init.kind, init.std)
             sha256[logical] = write_npy(folder / OTHER_FILES[logical], spec, fill)

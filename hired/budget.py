@@ -14,6 +14,8 @@ B = min(int(T * alpha), 576) and the crops share S = T - B.
 - "official" (the published code): a crop's score is its count of the top-K base tokens
   (K = int(576 * (1 - alpha))) in the i-th of n - 1 flat raster bands; its budget is
   int(f32(f32(count / K) * S')) with S' = min(S, (n - 1) * 576), capped at 576; no redistribution.
+
+An image of one partition (LLaVA-1.5, n = 1) keeps T = int(576 * rate) tokens under both distributions.
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def plan_budget(layout: AnyresLayout, base_early_scores: object, cfg: HiredConfi
     dtype = np.float32 if cfg.distribution == "official" else np.float64
     early = checked_scores(base_early_scores, (tokens,), "base_early_scores", dtype)
     total = requested_total(layout.n_images, tokens, cfg.rate)
+    if layout.n_crops == 0:  # one partition (LLaVA-1.5): the whole budget to it, whatever the distribution
+        return BudgetPlan(total, min(total, tokens), (), cfg.distribution, stock=cfg.is_stock)
     if cfg.is_stock:
         return BudgetPlan(
             total, tokens, tuple(int(c) for c in layout.capacities), cfg.distribution, stock=True

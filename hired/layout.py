@@ -10,6 +10,11 @@ image size: `select_best_resolution`, `get_patch_output_size`, `_pad_for_patchin
     layout.grid, layout.capacities, layout.stock_tokens
 
 Axis order is (height, width) everywhere, as in transformers' grid pinpoints.
+
+No pinpoints (LLaVA-1.5) means one partition: the image's shortest edge is resized to the crop size and the
+middle crop_size x crop_size square is kept (CLIPImageProcessor), so the layout has no crops (grid (0, 0)), no
+canvas and no newline rows; `resized` is the size after the shortest-edge resize and `pad` the (top, left)
+of the centre crop inside it.
 """
 
 from __future__ import annotations
@@ -32,14 +37,11 @@ def _positive_int(value: object, what: str) -> int:
 
 
 def _pinpoints(grid_pinpoints: object, crop_size: int) -> tuple[HW, ...]:
-    """Validated grid pinpoints as a tuple of (height, width) pairs, each a multiple of `crop_size`."""
-    if (
-        isinstance(grid_pinpoints, (str, bytes))
-        or not isinstance(grid_pinpoints, Sequence)
-        or not grid_pinpoints
-    ):
+    """Validated grid pinpoints as a tuple of (height, width) pairs, each a multiple of `crop_size` (empty: one
+    partition, LLaVA-1.5)."""
+    if isinstance(grid_pinpoints, (str, bytes)) or not isinstance(grid_pinpoints, Sequence):
         raise ValueError(
-            f"grid_pinpoints must be a non-empty list of (height, width) pairs, got {grid_pinpoints!r}"
+            f"grid_pinpoints must be a list of (height, width) pairs (empty for one partition), got {grid_pinpoints!r}"
         )
     pins = []
     for pin in grid_pinpoints:
@@ -111,6 +113,14 @@ def unpadded_extent(original_hw: HW, token_canvas_hw: HW) -> tuple[HW, HW]:
     new_w = int(round(orig_w * (cur_h / orig_h), 7))
     pad = (cur_w - new_w) // 2
     return (0, cur_h), (pad, cur_w - pad)
+
+
+def shortest_edge_size(original_hw: HW, shortest_edge: int) -> HW:
+    """(new_h, new_w) of transformers' resize to `shortest_edge` with the aspect kept (the long side truncated)."""
+    h, w = original_hw
+    short, long = min(h, w), max(h, w)
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if w <= h else (shortest_edge, new_long)
 
 
 def canvas_token_ids(grid: HW, side: int) -> np.ndarray:
@@ -200,6 +210,8 @@ class AnyresLayout:
             raise ValueError(f"crop_size {crop_size} is not a multiple of patch_size {patch_size}")
         pins = _pinpoints(grid_pinpoints, crop_size)
         side = crop_size // patch_size
+        if not pins:
+            return cls._single(width, height, crop_size, patch_size, side)
 
         best = select_best_resolution((height, width), pins)
         resized = patch_output_size((height, width), best)
@@ -232,6 +244,35 @@ class AnyresLayout:
             canvas_tokens=_frozen(kept + side * side),
             base_to_crop=_frozen(base_token_crops(resized, pad, grid, side, crop_size)),
         )
+
+    @classmethod
+    def _single(cls, width: int, height: int, crop_size: int, patch_size: int, side: int) -> AnyresLayout:
+        """One partition (no pinpoints): the centre crop of the shortest-edge resize, no crops, no canvas."""
+        resized = shortest_edge_size((height, width), crop_size)
+        top, left = (resized[0] - crop_size) // 2, (resized[1] - crop_size) // 2
+        return cls(
+            width=width,
+            height=height,
+            grid_pinpoints=(),
+            crop_size=crop_size,
+            patch_size=patch_size,
+            best_resolution=(crop_size, crop_size),
+            resized=resized,
+            pad=(top, left),
+            grid=(0, 0),
+            side=side,
+            unpadded_row_range=(0, 0),
+            unpadded_col_range=(0, 0),
+            valid_mask=_frozen(np.zeros((0, side * side), dtype=bool)),
+            capacities=_frozen(np.zeros(0, dtype=np.int64)),
+            canvas_tokens=_frozen(np.zeros((0, 0), dtype=np.int64)),
+            base_to_crop=_frozen(np.full(side * side, -1, dtype=np.int64)),
+        )
+
+    @property
+    def single(self) -> bool:
+        """True for a one-partition layout (no grid pinpoints: LLaVA-1.5)."""
+        return not self.grid_pinpoints
 
     @property
     def n_crops(self) -> int:

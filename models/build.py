@@ -1,11 +1,13 @@
-"""Build a Hugging Face LLaVA-NeXT checkpoint folder with seeded random weights, offline.
+"""Build a Hugging Face LLaVA-NeXT (or LLaVA-1.5) checkpoint folder with seeded random weights, offline.
 
     python -m models.build tiny --out checkpoints/tiny [--force] [--seed 0] [--dtype float32]
+    python -m models.build tiny-llava15 --out checkpoints/tiny-llava15     # LLaVA-1.5 geometry, tiny widths
 
 Any registry name works (`python -m models.build bench`); 7B+ entries are built too, after a warning
 about their size. The folder holds what `from_pretrained` needs and nothing else:
 config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-processor_config.json (LlavaNextProcessor + LlavaNextImageProcessorPil), `prompt_template.json`
+processor_config.json (LlavaNextProcessor + LlavaNextImageProcessorPil; LLaVA-1.5: LlavaProcessor +
+CLIPImageProcessorPil), `prompt_template.json`
 ({"template", "add_bos"}) and `build_info.json` (name, seed, dtype, tokenizer kind, config source).
 
 Deterministic: the same name, seed and dtype give byte-identical files. The folder is written
@@ -51,21 +53,25 @@ def _stderr(msg: str) -> None:
 def count_params(entry: registry.ModelEntry) -> int:
     """Parameter count of `entry`'s model, from a meta-device instance (no memory allocated)."""
     import torch
-    from transformers import LlavaNextForConditionalGeneration
 
+    from models.arch import model_for
+
+    config = entry.llava_config()
     with torch.device("meta"):
-        model = LlavaNextForConditionalGeneration(entry.llava_config())
+        model = model_for(config)(config)
     return sum(p.numel() for p in model.parameters())
 
 
 def random_model(config, *, seed: int = 0, dtype: str = "float32"):
-    """`LlavaNextForConditionalGeneration(config)` with weights drawn from torch's RNG seeded by `seed`.
+    """`LlavaNextForConditionalGeneration(config)` (or `LlavaForConditionalGeneration` for a LLaVA-1.5 config)
+    with weights drawn from torch's RNG seeded by `seed`.
 
-    config: a `transformers.LlavaNextConfig`; its dtype fields are set to `dtype` (the llava-hf files
-    say float16 whatever is built), so the saved config says what the weights are.
+    config: a `transformers.LlavaNextConfig` or `LlavaConfig`; its dtype fields are set to `dtype` (the llava-hf
+    files say float16 whatever is built), so the saved config says what the weights are.
     """
     import torch
-    from transformers import LlavaNextForConditionalGeneration
+
+    from models.arch import model_for
 
     if dtype not in CHECKPOINT_DTYPES:
         raise ValueError(f"dtype must be one of {CHECKPOINT_DTYPES}, got {dtype!r}")
@@ -74,7 +80,7 @@ def random_model(config, *, seed: int = 0, dtype: str = "float32"):
     config.text_config.dtype = torch_dtype
     config.vision_config.dtype = torch_dtype
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration._from_config(config, dtype=torch_dtype)
+    model = model_for(config)._from_config(config, dtype=torch_dtype)
     return model.eval()
 
 
@@ -84,13 +90,16 @@ def build_model(entry: registry.ModelEntry, *, seed: int = 0, dtype: str = "floa
 
 
 def build_processor(entry: registry.ModelEntry, tokenizer):
-    """`LlavaNextProcessor` for `entry`: CLIP-336 anyres preprocessing, the entry's pinpoints, `tokenizer`."""
+    """`LlavaNextProcessor` for `entry`: CLIP-336 anyres preprocessing, the entry's pinpoints, `tokenizer`.
+    A LLaVA-1.5 entry gets `LlavaProcessor` with the llava-hf checkpoints' CLIPImageProcessor settings."""
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     cfg = entry.config
     vision = cfg["vision_config"]
     side = int(vision["image_size"])
+    if entry.single_image:
+        return build_clip_processor(entry, tokenizer)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
@@ -111,6 +120,36 @@ def build_processor(entry: registry.ModelEntry, tokenizer):
         tokenizer=tokenizer,
         patch_size=int(vision["patch_size"]),
         vision_feature_select_strategy=cfg["vision_feature_select_strategy"],
+        num_additional_image_tokens=1,
+    )
+
+
+def build_clip_processor(entry: registry.ModelEntry, tokenizer):
+    """`LlavaProcessor` of a LLaVA-1.5 entry: CLIPImageProcessor as llava-hf/llava-1.5-*-hf declare it (shortest
+    edge resized to 336, bicubic, then a 336x336 centre crop, CLIP mean/std), PIL backend, and `tokenizer`."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vision = entry.config["vision_config"]
+    side = int(vision["image_size"])
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=list(registry.CLIP_MEAN),
+        image_std=list(registry.CLIP_STD),
+        resample=RESAMPLE_BICUBIC,
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=int(vision["patch_size"]),
+        vision_feature_select_strategy=entry.config["vision_feature_select_strategy"],
         num_additional_image_tokens=1,
     )
 

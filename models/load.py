@@ -6,9 +6,10 @@
     model, tokenizer, info = load_model("llava-next-7b", random_weights=True, dtype=torch.float16)
     template, add_bos = load_prompt("checkpoints/tiny")
 
-Nothing is ever downloaded. A registry name resolves to `checkpoints/<name>/` (under the current
-folder or the repository) or to a complete snapshot of its `hf_id` in the local Hugging Face
-cache; otherwise `CheckpointNotFound` says what to download and where to put it.
+Nothing is downloaded here (`models.download` does that; `python -m export` calls it first). A registry
+name resolves to `checkpoints/<name>/` (under the current folder or the repository) or to a complete
+snapshot of its `hf_id` in the local Hugging Face cache; otherwise `CheckpointNotFound` says what to
+download and where to put it.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _hf_cache_dir() -> str:
 def hf_cache_snapshot(hf_id: str) -> Path | None:
     """The snapshot folder of `hf_id` in the local HF cache if it holds config.json and all weights.
 
-    Never touches the network (`try_to_load_from_cache` only reads the cache).
+    Never touches the network (`try_to_load_from_cache` only reads the cache). Safetensors shards must be whole
+    (models.download.missing_files: every file of the weight map, headers that account for each file's size).
     """
     from huggingface_hub import try_to_load_from_cache
 
@@ -108,7 +110,13 @@ def hf_cache_snapshot(hf_id: str) -> Path | None:
     if not isinstance(found, str):
         return None
     snapshot = Path(found).parent
-    return snapshot if _has_weights(snapshot) else None
+    if not _has_weights(snapshot):
+        return None
+    from models.download import missing_files, weight_files
+
+    if weight_files(snapshot) is not None and missing_files(snapshot, tokenizer=False):
+        return None  # an interrupted download: a shard missing or truncated
+    return snapshot
 
 
 def _has_weights(folder: Path) -> bool:
@@ -134,6 +142,7 @@ def _missing_message(entry: registry.ModelEntry) -> str:
     return (
         f"model {entry.name!r} ({entry.hf_id}) is not on this machine: no {where}/config.json and no "
         f"complete copy in the Hugging Face cache ({_hf_cache_dir()}). Download it with: "
+        f"python -m models.download {entry.name} (or `make export MODEL={entry.name}`, which downloads it), or "
         f"huggingface-cli download {entry.hf_id} --local-dir {where} "
         f"(or `hf download {entry.hf_id} --local-dir {where}`) and run again from the repository root, "
         f"or pass --random-weights to export it with seeded random weights and a stand-in tokenizer"
@@ -177,17 +186,18 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """config.json of `folder` as a dict; raises CheckpointError unless it is a LLaVA-NeXT config."""
+    """config.json of `folder` as a dict; raises CheckpointError unless it is a LLaVA-NeXT or LLaVA-1.5 config."""
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
     model_type = config.get("model_type")
-    if model_type != "llava_next":
+    if model_type not in ("llava_next", "llava"):
         raise CheckpointError(
-            f"{folder} is not a LLaVA-NeXT checkpoint: config.json has model_type {model_type!r}, "
-            "expected 'llava_next' (llava-hf/llava-v1.6-*-hf or `python -m models.build tiny`)"
+            f"{folder} is not a LLaVA-NeXT or LLaVA-1.5 checkpoint: config.json has model_type {model_type!r}, "
+            "expected 'llava_next' (llava-hf/llava-v1.6-*-hf, `python -m models.build tiny`) or 'llava' "
+            "(llava-hf/llava-1.5-*-hf)"
         )
     return config
 
@@ -274,14 +284,14 @@ def _auto_tokenizer(folder: Path):
 
 def _load_random(text: str, *, dtype: torch.dtype, seed: int):
     """Random-weight model for a folder's config or a registry entry's config, with the best tokenizer at hand."""
-    from transformers import LlavaNextConfig
+    from models.arch import config_class
 
     path = Path(text).expanduser()
     if path.is_dir() and ((path / "config.json").is_file() or _entry_for(text) is None):
         folder = resolve_checkpoint(path)
         config_dict = read_config(folder)
         entry = registry.match_config(config_dict)
-        config = LlavaNextConfig.from_pretrained(str(folder))
+        config = config_class(config_dict["model_type"]).from_pretrained(str(folder))
         name = entry.name if entry is not None else folder.name
         hf_id = entry.hf_id if entry is not None else None
         template, add_bos = _prompt_from_folder(folder)
@@ -325,7 +335,7 @@ def _load_random(text: str, *, dtype: torch.dtype, seed: int):
 
 
 def _load_folder(text: str, *, dtype: torch.dtype):
-    from transformers import LlavaNextForConditionalGeneration
+    from models.arch import model_class
 
     folder = resolve_checkpoint(text)
     config = read_config(folder)
@@ -336,7 +346,7 @@ def _load_folder(text: str, *, dtype: torch.dtype):
     elif entry is None:
         entry = _entry_for(text)
     template, add_bos = _prompt_from_folder(folder)
-    model = LlavaNextForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, use_safetensors=True).eval()
+    model = model_class(config["model_type"]).from_pretrained(str(folder), dtype=dtype, use_safetensors=True).eval()
     has_tok = _has_tokenizer(folder)
     tokenizer = _auto_tokenizer(folder) if has_tok else None
     if built:
@@ -367,7 +377,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ):
-    """(LlavaNextForConditionalGeneration in eval mode, tokenizer or None, LoadInfo).
+    """(LlavaNextForConditionalGeneration, or LlavaForConditionalGeneration for LLaVA-1.5, in eval mode,
+    tokenizer or None, LoadInfo).
 
     name_or_path:   a checkpoint folder, a registry name or a registry hf_id.
     random_weights: build the model in memory from the folder's or the registry's config with

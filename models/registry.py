@@ -1,8 +1,8 @@
-"""The model registry: named LLaVA-NeXT models, their configs, prompt templates and tokenizers.
+"""The model registry: named LLaVA-NeXT and LLaVA-1.5 models, their configs, prompt templates and tokenizers.
 
     from models.registry import get, names
     entry = get("tiny")              # ModelEntry
-    cfg = entry.llava_config()       # transformers.LlavaNextConfig (imports transformers lazily)
+    cfg = entry.llava_config()       # transformers.LlavaNextConfig, or LlavaConfig for LLaVA-1.5 (lazy import)
 
 Every entry's config ships as JSON in `models/configs/<name>.json`, so any entry can be built
 offline with random weights (`python -m models.build <name>`). The real entries hold the
@@ -56,7 +56,7 @@ class ModelEntry:
 
     name:            registry name (`tiny`, `llava-next-7b`, ...).
     hf_id:           Hugging Face repo of the real checkpoint; None for locally built models.
-    config:          the LlavaNextConfig fields as a read-only mapping (JSON types).
+    config:          the LlavaNextConfig (or LlavaConfig: model_type "llava") fields as a read-only mapping.
     prompt_template: text with exactly one `<image>` and one `{prompt}`.
     add_bos:         whether the BOS token id is put in front of the templated prompt.
     tokenizer:       TOKENIZER_CHECKPOINT or TOKENIZER_OFFLINE_MISTRAL.
@@ -70,14 +70,19 @@ class ModelEntry:
     tokenizer: str
 
     def llava_config(self):
-        """A fresh `transformers.LlavaNextConfig` built from `self.config`."""
-        from transformers import LlavaNextConfig
+        """A fresh transformers config built from `self.config`: LlavaNextConfig, or LlavaConfig (LLaVA-1.5)."""
+        from models.arch import config_from_dict
 
-        return LlavaNextConfig(**_thaw(self.config))
+        return config_from_dict(_thaw(self.config))
 
     def config_dict(self) -> dict[str, Any]:
         """A mutable deep copy of the config fields (what `models/configs/<name>.json` holds, `_source` dropped)."""
         return _thaw(self.config)
+
+    @property
+    def single_image(self) -> bool:
+        """True for LLaVA-1.5 entries: one 336 px partition per image (no anyres grid, no newline embedding)."""
+        return self.config.get("model_type") == "llava"
 
     @property
     def text_model_type(self) -> str:
@@ -119,8 +124,11 @@ _TABLE: dict[str, tuple[str | None, str, str]] = {
     "llava-next-7b": ("llava-hf/llava-v1.6-vicuna-7b-hf", VICUNA_TEMPLATE, TOKENIZER_CHECKPOINT),
     "llava-next-mistral-7b": ("llava-hf/llava-v1.6-mistral-7b-hf", MISTRAL_TEMPLATE, TOKENIZER_CHECKPOINT),
     "llava-next-13b": ("llava-hf/llava-v1.6-vicuna-13b-hf", VICUNA_TEMPLATE, TOKENIZER_CHECKPOINT),
+    "llava-1.5-7b": ("llava-hf/llava-1.5-7b-hf", VICUNA_TEMPLATE, TOKENIZER_CHECKPOINT),
+    "llava-1.5-13b": ("llava-hf/llava-1.5-13b-hf", VICUNA_TEMPLATE, TOKENIZER_CHECKPOINT),
     "tiny": (None, MISTRAL_TEMPLATE, TOKENIZER_OFFLINE_MISTRAL),
     "bench": (None, MISTRAL_TEMPLATE, TOKENIZER_OFFLINE_MISTRAL),
+    "tiny-llava15": (None, VICUNA_TEMPLATE, TOKENIZER_OFFLINE_MISTRAL),
 }
 
 
@@ -152,7 +160,8 @@ def _entries() -> dict[str, ModelEntry]:
 
 
 def names() -> list[str]:
-    """Registry names, real checkpoints first: llava-next-7b, llava-next-mistral-7b, llava-next-13b, tiny, bench."""
+    """Registry names, real checkpoints first: llava-next-7b, llava-next-mistral-7b, llava-next-13b, llava-1.5-7b,
+    llava-1.5-13b, tiny, bench, tiny-llava15."""
     return list(_TABLE)
 
 
@@ -176,7 +185,7 @@ def match_config(config: Mapping[str, Any]) -> ModelEntry | None:
     """The real-checkpoint entry that a checkpoint's config.json dict comes from, or None.
 
     Matched by the top-level `_name_or_path` (the hub id, when transformers saved it), else by the
-    text model's `_name_or_path` (e.g. `lmsys/vicuna-7b-v1.5`), which differs between the three.
+    `model_type` (llava_next or llava) and the text model's `_name_or_path` (e.g. `lmsys/vicuna-7b-v1.5`).
     """
     top = config.get("_name_or_path")
     if isinstance(top, str) and top:
@@ -186,8 +195,11 @@ def match_config(config: Mapping[str, Any]) -> ModelEntry | None:
     text_src = (config.get("text_config") or {}).get("_name_or_path")
     if not text_src:
         return None
+    model_type = config.get("model_type", "llava_next")
     for entry in _entries().values():
-        if entry.hf_id is not None and entry.config["text_config"].get("_name_or_path") == text_src:
+        if entry.hf_id is None or entry.config.get("model_type") != model_type:
+            continue
+        if entry.config["text_config"].get("_name_or_path") == text_src:
             return entry
     return None
 

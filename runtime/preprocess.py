@@ -16,6 +16,10 @@ It equals transformers' LlavaNextImageProcessorPil because it runs the same step
    padding is 0 before this step, so it becomes -mean / std, as in transformers.
 Step 5 maps each channel's 256 possible bytes to fixed floats, so it runs as a lookup table: the same
 float32 numbers as transformers' arithmetic, in one gather per channel.
+
+A manifest without grid pinpoints (LLaVA-1.5) is CLIPImageProcessor's: the image's shortest edge resized to
+`shortest_edge` (PIL, uint8, aspect kept, the long side truncated), then the centre crop_size square (the
+sides of a wide image are cut), then step 5: pixel_values [1, 3, crop, crop].
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ def preprocess(rgb: np.ndarray, spec: ImageProcessorSpec, *, patch_size: int = 1
     except ValueError as e:
         raise BundleError(f"the manifest's image processor settings are invalid: {e}; {_FIX}") from None
 
+    if layout.single:  # CLIPImageProcessor: shortest edge resized, centre crop
+        patch = fit_patch(rgb, spec.shortest_edge, spec.crop_size, resample)
+        return Preprocessed(pixel_values=normalize(patch[None], spec), layout=layout, image_size=(height, width))
     image = Image.fromarray(rgb)  # mode RGB
     base = np.asarray(image.resize((spec.shortest_edge, spec.shortest_edge), resample))  # [se, se, 3]
     crops = crop_canvas(np.asarray(image.resize(layout.resized[::-1], resample)), layout)  # [n, c, c, 3]
@@ -120,10 +127,10 @@ def crop_canvas(resized: np.ndarray, layout: AnyresLayout) -> np.ndarray:
 def fit_patch(
     patch: np.ndarray, shortest_edge: int, crop_size: int, resample: Image.Resampling
 ) -> np.ndarray:
-    """uint8 [crop, crop, 3] of a square uint8 [s, s, 3] patch: resized to shortest_edge, centre-cropped.
+    """uint8 [crop, crop, 3] of a uint8 [h, w, 3] patch: resized so its shortest edge is shortest_edge, centre-cropped.
 
     transformers' per-patch `resize(size={"shortest_edge"})` and `center_crop(crop_size)`; with
-    s == shortest_edge == crop_size (LLaVA-NeXT) it returns the patch unchanged.
+    h == w == shortest_edge == crop_size (LLaVA-NeXT's squares) it returns the patch unchanged.
     """
     if patch.shape[:2] != (shortest_edge, shortest_edge):
         h, w = patch.shape[:2]

@@ -283,3 +283,13 @@ def test_official_never_plans_more_than_the_total(case):
     assert plan.base == min(int(plan.total * alpha), 576)
     assert plan.kept <= plan.total
     assert all(0 <= c <= 576 for c in plan.crops)
+
+
+@pytest.mark.parametrize("distribution", ["spatial", "official"])
+@pytest.mark.parametrize("rate, base", [(0.2, 115), (0.5, 288), (0.01, 5), (1.0, 576)])
+def test_one_partition_gets_the_whole_budget_under_either_distribution(distribution, rate, base):
+    """LLaVA-1.5 (no pinpoints): T = int(576 * rate), all of it to the one image; alpha has nothing to split."""
+    layout = AnyresLayout.for_image(width=1300, height=380, grid_pinpoints=[])
+    early = np.random.default_rng(0).random(576)
+    plan = plan_budget(layout, early, HiredConfig(rate=rate, alpha=0.3, distribution=distribution))
+    assert (plan.total, plan.base, plan.crops, plan.stock) == (base, base, (), rate == 1.0)

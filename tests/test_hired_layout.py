@@ -205,7 +205,7 @@ def test_layouts_of_the_same_image_are_equal_and_hashable():
         (dict(width=10, height=-3), "image height"),
         (dict(width=10.5, height=10), "image width"),
         (dict(width=True, height=10), "image width"),
-        (dict(width=10, height=10, grid_pinpoints=[]), "grid_pinpoints"),
+        (dict(width=10, height=10, grid_pinpoints="336x672"), "grid_pinpoints"),
         (dict(width=10, height=10, grid_pinpoints=[[336, 700]]), "multiple of crop_size"),
         (dict(width=10, height=10, grid_pinpoints=[[336]]), "(height, width) pair"),
         (dict(width=10, height=10, crop_size=330), "multiple of patch_size"),
@@ -215,6 +215,16 @@ def test_bad_sizes_raise_value_error_naming_the_problem(kwargs, message):
     kwargs.setdefault("grid_pinpoints", LLAVA_NEXT_PINS)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         AnyresLayout.for_image(**kwargs)
+
+
+@pytest.mark.parametrize("width, height, resized", [(1300, 380, (336, 1149)), (450, 1000, (746, 336)), (336, 336, (336, 336))])
+def test_no_pinpoints_is_one_partition_the_centre_crop_of_the_shortest_edge_resize(width, height, resized):
+    """LLaVA-1.5: CLIPImageProcessor's resize (shortest edge 336, long side truncated) and centre crop."""
+    layout = AnyresLayout.for_image(width=width, height=height, grid_pinpoints=[])
+    assert layout.single and layout.grid == (0, 0) and layout.n_crops == 0 and layout.n_images == 1
+    assert layout.resized == resized and layout.pad == ((resized[0] - 336) // 2, (resized[1] - 336) // 2)
+    assert layout.stock_tokens == 576 and layout.unpadded_rows == 0 and layout.capacities.shape == (0,)
+    assert layout.valid_mask.shape == (0, 576) and layout.canvas_tokens.shape == (0, 0)
 
 
 def test_for_image_takes_keywords_only():

@@ -27,8 +27,16 @@ def tiny_dir(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_five_models():
-    assert registry.names() == ["llava-next-7b", "llava-next-mistral-7b", "llava-next-13b", "tiny", "bench"]
+def test_registry_lists_the_eight_models():
+    assert registry.names() == ["llava-next-7b", "llava-next-mistral-7b", "llava-next-13b", "llava-1.5-7b",
+                                "llava-1.5-13b", "tiny", "bench", "tiny-llava15"]  # fmt: skip
+
+
+def test_llava15_and_llava_next_share_a_text_model_but_match_their_own_entry():
+    """llava-1.5-7b and llava-next-7b are both on lmsys/vicuna-7b-v1.5: a config matches by model_type too."""
+    for name in ("llava-1.5-7b", "llava-next-7b", "llava-1.5-13b", "llava-next-13b"):
+        fields = registry.get(name).config_dict()
+        assert registry.match_config(fields).name == name
 
 
 def test_unknown_name_error_lists_every_known_model():
@@ -356,6 +364,9 @@ def test_unknown_name_or_path_error_lists_the_registry(empty_hf_cache):
         load.resolve_checkpoint("checkpoints/nothing-here")
 
 
+NO_TENSORS = "\x02" + "\x00" * 7 + "{}"  # a whole safetensors file holding no tensors (8-byte length, "{}")
+
+
 def _fake_snapshot(cache: Path, hf_id: str, files: dict[str, str]) -> Path:
     repo = cache / ("models--" + hf_id.replace("/", "--"))
     snap = repo / "snapshots" / ("0" * 40)
@@ -373,11 +384,14 @@ def test_registry_name_resolves_to_a_complete_hf_cache_snapshot(empty_hf_cache):
     snap = _fake_snapshot(
         empty_hf_cache,
         hf_id,
-        {"config.json": "{}", "model.safetensors.index.json": json.dumps(index), "model-00001-of-00002.safetensors": ""},
+        {"config.json": "{}", "model.safetensors.index.json": json.dumps(index), "model-00001-of-00002.safetensors": NO_TENSORS},
     )
     with pytest.raises(load.CheckpointNotFound, match=hf_id):  # one shard missing: incomplete
         load.resolve_checkpoint("llava-next-mistral-7b")
-    (snap / "model-00002-of-00002.safetensors").write_text("")
+    (snap / "model-00002-of-00002.safetensors").write_text("")  # present but truncated: incomplete too
+    with pytest.raises(load.CheckpointNotFound, match=hf_id):
+        load.resolve_checkpoint("llava-next-mistral-7b")
+    (snap / "model-00002-of-00002.safetensors").write_text(NO_TENSORS)
     assert load.resolve_checkpoint("llava-next-mistral-7b") == snap
     assert load.resolve_checkpoint(hf_id) == snap
 
@@ -389,9 +403,9 @@ def test_local_checkpoints_folder_wins_over_the_cache(empty_hf_cache):
     assert load.resolve_checkpoint("llava-next-13b").resolve() == local.resolve()
 
 
-def test_folder_that_is_not_llava_next_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"model_type": "llama"}}))
-    with pytest.raises(load.CheckpointError, match="model_type 'llava', expected 'llava_next'"):
+def test_folder_that_is_not_llava_next_or_llava15_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl", "text_config": {"model_type": "qwen2"}}))
+    with pytest.raises(load.CheckpointError, match="model_type 'qwen2_vl', expected 'llava_next'"):
         load.load_model(tmp_path)
 
 
