@@ -13,7 +13,9 @@ Prints, for budgets 1.0 / 0.4 / 0.2 / 0.1 on two image shapes (1000x1000 -> 2x2 
 4. the runtime against transformers' LlavaNext (budget 1.0) and export/reference.py (0.2) on the same model;
 5. HiRED's selection overhead alone (plan + select + pack, 5-crop layout, median of 1,000 calls);
 6. the LLM engine against onnxruntime-genai: the decoder none/int8/int4 vs genai fp32/int4 at the prefill
-   lengths of budgets 1.0 and 0.2, interleaved rounds (bench.llm_peer; --skip-peer).
+   lengths of budgets 1.0 and 0.2, interleaved rounds (bench.llm_peer; --skip-peer);
+7. every token selector's overhead (hired.selectors: hired, cls, uniform, random, visionzip; same case as 5.);
+8. the governor: budget="auto" against a TTFT target on 20 images of varied size (bench.governor).
 Writes the raw runs as JSON and a stacked-bar PNG under bench-results/ and prints their paths.
 """
 
@@ -32,11 +34,11 @@ from pathlib import Path
 from bench import report
 from bench.images import DEFAULT_SIZES, format_size, parse_size
 from bench.metrics import speedups
-from bench.overhead import selection_overhead_us
+from bench.overhead import overhead_lines, selection_overhead_us, selector_overheads_us
 from bench.stages import DEFAULT_BUDGETS, DEFAULT_PROMPT, REPO_ROOT, run_child, run_stage_table, stage_rows
 
-QUICK = {"runs": 1, "warmup": 0, "new_tokens": 2, "overhead_calls": 100}
-FULL = {"runs": 3, "warmup": 1, "new_tokens": 32, "overhead_calls": 1000}
+QUICK = {"runs": 1, "warmup": 0, "new_tokens": 2, "overhead_calls": 100, "governor_images": 2}
+FULL = {"runs": 3, "warmup": 1, "new_tokens": 32, "overhead_calls": 1000, "governor_images": 20}
 REFERENCE_BUDGET = 0.2
 
 
@@ -247,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens decoded per run (min_new_tokens: EOS cannot end it early); decode tok/s = (N-1) / decode time [{FULL['new_tokens']}; quick {QUICK['new_tokens']}]")  # fmt: skip
     p.add_argument("--overhead-calls", type=int, default=None,
                    help=f"calls of plan+select+pack timed for the selection overhead [{FULL['overhead_calls']}; quick {QUICK['overhead_calls']}]")  # fmt: skip
+    p.add_argument("--governor-images", type=int, default=None,
+                   help=f"images for the budget='auto' section, 0 skips it [{FULL['governor_images']}; quick {QUICK['governor_images']}]")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="smoke-test settings: 1 run, no warm-up, 2 new tokens, 100 overhead calls (flags given explicitly win)")  # fmt: skip
     p.add_argument("--skip-peer", action="store_true",
@@ -284,8 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if not args.budget_list or not all(0 < b <= 1 for b in args.budget_list):
         p.error(f"--budgets must be comma-separated rates in (0, 1], got {args.budgets!r}")
-    if args.runs < 1 or args.warmup < 0 or args.new_tokens < 2 or args.overhead_calls < 1:
-        p.error("need --runs >= 1, --warmup >= 0, --new-tokens >= 2 and --overhead-calls >= 1")
+    if args.runs < 1 or args.warmup < 0 or args.new_tokens < 2 or args.overhead_calls < 1 or args.governor_images < 0:
+        p.error("need --runs >= 1, --warmup >= 0, --new-tokens >= 2, --overhead-calls >= 1 and --governor-images >= 0")
     return args
 
 
@@ -373,6 +377,18 @@ def run(args: argparse.Namespace) -> dict:
         )
     print(line + "\n")
     overhead = {"median_us": us, "calls": settings["overhead_calls"], "share_of_ttft": share}
+    _say("timing every token selector alone (hired.selectors) ...")
+    per = selector_overheads_us(settings["overhead_calls"], grid_pinpoints=manifest.image_processor.grid_pinpoints)
+    print("## Selection overhead per selector (plan + select + pack)\n")
+    print("\n".join(overhead_lines(per, settings["overhead_calls"])) + "\n")
+    overhead["per_selector_us"] = per
+    governor = None
+    if settings["governor_images"]:
+        from bench.governor import governor_section, section_lines
+
+        governor = governor_section(bundle, images=settings["governor_images"], threads=args.threads, log=_say)
+        print("## Governor: budget='auto' against a TTFT target (bench.governor)\n")
+        print("\n".join(section_lines(governor, name)) + "\n")
     peer = None
     if not (args.skip_peer or args.bundle or args.quick):
         from bench.llm_peer import bench_section
@@ -412,6 +428,7 @@ def run(args: argparse.Namespace) -> dict:
         "comparisons": comp,
         "torch_side": torch_record,
         "selection_overhead": overhead,
+        "governor": governor,
         "llm_peer": peer,
         "stage_runs": records,
     }

@@ -1,9 +1,11 @@
 """What HiRED's selection itself costs: plan_budget + select_tokens + pack_tokens, timed alone.
 
-    from bench.overhead import selection_overhead_us
+    from bench.overhead import selection_overhead_us, selector_overheads_us
     us = selection_overhead_us(calls=1000)   # median microseconds per request, 1000x1000 image (2x2 grid, 5 images)
+    per = selector_overheads_us(calls=1000)  # {"hired": us, "cls": us, ..., "visionzip": us}, same case
 
-numpy only (the `hired` package); the scores are random, positive float32, as the vision graph gives them.
+numpy only (the `hired` package); the scores are random, positive float32, as the vision graph gives them; the
+features (visionzip reads them) are random float32 of CLIP-L's width, 1024.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from bench.metrics import median
 from hired import AnyresLayout, HiredConfig, pack_tokens, plan_budget, select_tokens
+from hired.selectors import SELECTORS, apply_selector
 
 # LLaVA-NeXT's five (height, width) pinpoints, as in every llava-v1.6 config.
 LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
@@ -25,6 +28,9 @@ LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
     (336, 1008),
 )
 N_SCORE_SETS = 8  # distinct random score sets cycled through, so no call sees the previous call's input
+FEATURE_DIM = 1024  # CLIP-L/14-336's feature width: what visionzip's similarity grouping reads
+TARGETS_US = {"visionzip": 2000.0}  # issue 14's targets: visionzip <= 2 ms, every other selector <= 0.5 ms
+DEFAULT_TARGET_US = 500.0
 
 
 def select_once(layout: AnyresLayout, early: np.ndarray, late: np.ndarray, cfg: HiredConfig) -> np.ndarray:
@@ -69,3 +75,56 @@ def selection_overhead_us(
         select_once(layout, early, late, cfg)
         times.append((time.perf_counter_ns() - t0) / 1000.0)
     return median(times)
+
+
+def selector_overheads_us(
+    calls: int = 1000,
+    *,
+    selectors: Sequence[str] = SELECTORS,
+    width: int = 1000,
+    height: int = 1000,
+    rate: float = 0.2,
+    grid_pinpoints: Sequence[Sequence[int]] = LLAVA_NEXT_PINPOINTS,
+    feature_dim: int = FEATURE_DIM,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median microseconds of plan + select + pack per selector (hired.selectors.apply_selector + pack_tokens) over
+    `calls` calls each, after one untimed call; the selectors take turns call by call, so a busy moment of the
+    machine hits them all alike. The merged tokens' feature means (the projector stage's) are not included."""
+    if calls < 1:
+        raise ValueError(f"calls must be >= 1, got {calls}")
+    layout = AnyresLayout.for_image(width=width, height=height, grid_pinpoints=grid_pinpoints)
+    cfg = HiredConfig(rate=rate)
+    rng = np.random.default_rng(seed)
+    n, t = layout.n_images, layout.tokens_per_image
+    sets = [
+        (rng.random((n, t), dtype=np.float32) + 1e-3, rng.random((n, t), dtype=np.float32) + 1e-3,
+         rng.standard_normal((n, t, feature_dim), dtype=np.float32))
+        for _ in range(N_SCORE_SETS)
+    ]  # fmt: skip
+
+    def once(name: str, i: int) -> None:
+        early, late, feats = sets[i % N_SCORE_SETS]
+        sel = apply_selector(name, layout, early, late, cfg, features=feats, seed=i)
+        pack_tokens(sel.keep, layout, cfg)
+
+    times: dict[str, list[float]] = {name: [] for name in selectors}
+    for name in selectors:
+        once(name, 0)  # warm-up
+    for i in range(calls):
+        for name in selectors:
+            t0 = time.perf_counter_ns()
+            once(name, i)
+            times[name].append((time.perf_counter_ns() - t0) / 1000.0)
+    return {name: median(v) for name, v in times.items()}
+
+
+def overhead_lines(per: dict[str, float], calls: int) -> list[str]:
+    """A markdown table of per-selector medians against issue 14's targets."""
+    out = ["| selector | median us | target us | met |", "|---|---:|---:|---|"]
+    for name, us in per.items():
+        target = TARGETS_US.get(name, DEFAULT_TARGET_US)
+        out.append(f"| {name} | {us:,.0f} | {target:,.0f} | {'yes' if us <= target else 'NO'} |")
+    out.append(f"\n(median of {calls:,} calls each; plan + select + pack, 1000x1000 image -> 5 images of 576 tokens, "
+               f"features {FEATURE_DIM} wide)")  # fmt: skip
+    return out

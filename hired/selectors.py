@@ -109,22 +109,24 @@ def select_random(layout: AnyresLayout, kept: int, total: int, seed: int | None)
     return Selection(counts_plan(total, keep), keep)
 
 
-def contextual_groups(features: np.ndarray, n_groups: int) -> np.ndarray:
-    """int64 [R]: group of each of R tokens' features [R, D], in [0, n_groups) (VisionZip's merging).
+def contextual_groups(features: np.ndarray, rest: np.ndarray, n_groups: int) -> np.ndarray:
+    """int64 [R]: the group, in [0, n_groups), of each token `rest` [R] (sorted indices into one image's
+    features [576, D]): VisionZip's merging.
 
-    n_groups targets are evenly spaced (every R // n_groups-th token); every other token joins the target of
-    highest cosine similarity (ties to the lower target). Requires 1 <= n_groups <= R.
+    n_groups targets are evenly spaced among `rest` (every R // n_groups-th); every other token joins the target
+    of highest cosine similarity (ties to the lower target). Requires 1 <= n_groups <= R.
     """
-    r = features.shape[0]
+    r = rest.shape[0]
     if not 1 <= n_groups <= r:
         raise ValueError(f"cannot form {n_groups} groups from {r} tokens")
-    targets = np.arange(0, r, max(1, r // n_groups))[:n_groups]
-    x = features.astype(np.float32, copy=False)
-    tf = x[targets]
+    picks = np.arange(0, r, max(1, r // n_groups))[:n_groups]
+    x = features if features.dtype == np.float32 else features.astype(np.float32)
+    tf = x[rest[picks]]
     norms = np.linalg.norm(tf, axis=1)
-    tf = tf / np.where(norms > 0, norms, 1.0)[:, None]
-    labels = np.argmax(x @ tf.T, axis=1)  # |x| is the same for every target, so no need to divide by it
-    labels[targets] = np.arange(n_groups)
+    tf /= np.where(norms > 0, norms, 1.0)[:, None]
+    # all rows at once (no gather of the rest's features); |x| is the same for every target: no need to divide
+    labels = np.argmax((x @ tf.T)[rest], axis=1)
+    labels[picks] = np.arange(n_groups)
     return labels.astype(np.int64)
 
 
@@ -148,11 +150,13 @@ def select_dominant_contextual(
         rest = np.setdiff1d(valid, dominant, assume_unique=True)  # sorted, raster order
         slots = [dominant]
         if n_context:
-            labels = contextual_groups(features[i, rest], n_context)
-            for g in range(n_context):
-                members = rest[labels == g]  # sorted: the first is the slot the merged token takes
-                groups[i * t + int(members[0])] = members + i * t
-                slots.append(members[:1])
+            labels = contextual_groups(features[i], rest, n_context)
+            by_group = rest[np.argsort(labels, kind="stable")] + i * t  # each group's members in raster order
+            ends = np.cumsum(np.bincount(labels, minlength=n_context))
+            starts = ends - np.bincount(labels, minlength=n_context)
+            for members in np.split(by_group, ends[:-1]):  # the first member is the slot the merged token takes
+                groups[int(members[0])] = members
+            slots.append(by_group[starts] - i * t)
         keep.append(np.sort(np.concatenate(slots)).astype(np.int64))
     return Selection(plan, keep, MappingProxyType(groups))
 

@@ -171,6 +171,11 @@ def test_stage_table_on_the_tiny_bundle_writes_rows_json_and_png(tiny_bundle, tm
     assert [s["budget"] for s in data["speedups"]] == list(budgets)
     out = capsys.readouterr().out
     assert "| 1000x1000 | 0.2 |" in out and str(pngs[0]) in out and str(jsons[0]) in out
+    per = data["selection_overhead"]["per_selector_us"]
+    assert set(per) == {"hired", "cls", "uniform", "random", "visionzip"} and min(per.values()) > 0
+    g = data["governor"]
+    assert g["images"] == 2 and len(g["runs"]) == 2 and 0 <= g["within_1.1x"] <= 1 and g["mean_rate"] > 0
+    assert "| visionzip |" in out and "## Governor" in out and "within 1.1x the target" in out
 
 
 def test_torch_side_times_transformers_and_the_reference_on_the_bundles_own_weights(tiny_bundle):
@@ -202,3 +207,13 @@ def test_gpu_check_runs_on_cpu_with_the_tiny_shape_and_writes_its_table_under_ou
     assert all(r["new_tokens"] == 3 and r["ttft_ms"] > 0 and r["peak_mem_gb"] > 0 for r in result["rows"])
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| 0.2 | 576 |" in table and "tiny" in table
+
+
+def test_best_rate_in_hindsight_interpolates_between_grid_rates():
+    from bench.governor import best_rate
+
+    grid = (0.1, 0.5, 1.0)
+    assert best_rate([100, 200, 400], 300, grid) == pytest.approx(0.75)  # halfway from 200 to 400 ms
+    assert best_rate([100, 200, 400], 500, grid) == 1.0
+    assert best_rate([100, 200, 400], 50, grid) == 0.1  # none meets it: the lowest rate
+    assert best_rate([100, 200, 400], 200, grid) == 0.5
