@@ -426,6 +426,7 @@ def test_raw_body_errors_malformed_json_and_over_the_size_limit(live):
 
 
 def test_models_health_and_metrics(live, client):
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
     h = live.health()
@@ -463,6 +464,9 @@ class GatedBackend:
                 self.closed.release()
 
         return gen()
+
+    def check_ready(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -639,6 +643,9 @@ def test_the_gateway_backend_sends_a_streamed_answer_as_one_chunk(pipe, image):
 
         def generate(self, image, prompt, **options):
             return pipe.generate(image, prompt, **options)
+
+        def check_ready(self):
+            pass
 
         def close(self):
             pass

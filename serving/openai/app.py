@@ -146,8 +146,12 @@ def create_app(load_backend, settings: Settings) -> FastAPI:
             status = "error" if state.load_error else "loading"
             return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
         s = state.slots
-        return {"status": "ready", "model": state.model_name, "backend": state.backend.name,
-                "running": s.running, "waiting": s.waiting}  # fmt: skip
+        facts = {"model": state.model_name, "backend": state.backend.name, "running": s.running, "waiting": s.waiting}
+        try:
+            await asyncio.to_thread(state.backend.check_ready)  # a gateway: is the fleet there?
+        except HiredError as e:
+            return JSONResponse({"status": "backend unavailable", "error": str(e), **facts}, status_code=503)
+        return {"status": "ready", **facts}
 
     @app.get("/metrics")
     async def metrics():

@@ -25,7 +25,8 @@ from runtime.pipeline import GenerationResult, Trace
 from runtime.prompt import Chat, PromptEncoder
 
 # Options passed to Pipeline.stream / RemotePipeline.generate (the keyword set both take)
-_PASSED = ("budget", "alpha", "distribution", "newlines", "max_new_tokens", "temperature", "top_p", "seed")
+_PASSED = ("budget", "alpha", "distribution", "newlines", "selector", "target_ttft_ms", "max_new_tokens", "temperature",
+           "top_p", "seed")  # fmt: skip
 
 
 def _keywords(options: RequestOptions) -> dict[str, Any]:
@@ -53,6 +54,9 @@ class LocalBackend:
         # one image + one user message: exactly Pipeline.generate(image, text), streamed
         return self.pipeline.stream(image, prompt, trace=trace, **_keywords(options))
 
+    def check_ready(self) -> None:
+        """Loaded: always ready."""
+
     def close(self) -> None:
         self.pipeline.close()
 
@@ -70,8 +74,12 @@ class RemoteBackend:
         self.prompt = PromptEncoder(
             self.manifest.path("tokenizer"), self.manifest.prompt, self.manifest.tokens
         )
-        self.remote = RemotePipeline(address, timeout_s=timeout_s)
+        self.remote = RemotePipeline(address, timeout_s=timeout_s, check=False)  # the fleet may start later
         self.address = self.remote.address
+
+    def check_ready(self) -> None:
+        """RemoteError unless the fleet answers and its model is ready (GET /health asks this)."""
+        self.remote.check_ready()
 
     def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions, trace=None):
         if image is None or isinstance(prompt, Chat):
