@@ -30,6 +30,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from bench.images import synthetic_image  # noqa: E402
+from runtime.errors import RemoteError  # noqa: E402
 from runtime.prompt import Chat  # noqa: E402
 from serving.openai.app import Settings, create_app  # noqa: E402
 from serving.openai.backend import LocalBackend  # noqa: E402
@@ -644,8 +645,11 @@ def test_the_gateway_backend_sends_a_streamed_answer_as_one_chunk(pipe, image):
         def generate(self, image, prompt, **options):
             return pipe.generate(image, prompt, **options)
 
+        down = False
+
         def check_ready(self):
-            pass
+            if self.down:
+                raise RemoteError("cannot reach grpc://fake:8001")
 
         def close(self):
             pass
@@ -662,6 +666,9 @@ def test_the_gateway_backend_sends_a_streamed_answer_as_one_chunk(pipe, image):
             assert pieces == [want.text]
             with pytest.raises(openai.BadRequestError, match="one image and one user message"):
                 c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+            backend.remote.down = True  # the fleet went away: /health says so (503)
+            r = httpx.get(f"{server.url}/health", timeout=10)
+            assert r.status_code == 503 and r.json()["status"] == "backend unavailable"
     finally:
         server.stop()
         assert pipe.active_requests == 0
