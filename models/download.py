@@ -444,8 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.repo:
             folder = download(args.repo, download_dir=args.download_dir, revision=args.revision)
         else:
-            if _entry(args.model) is None:
+            entry = _entry(args.model)
+            if entry is None:
                 raise DownloadError(f"unknown model {args.model!r}; known models: {', '.join(registry.names())}")
+            if entry.hf_id is None:
+                raise DownloadError(
+                    f"{entry.name} is built locally, not downloaded: python -m models.build {entry.name} "
+                    f"--out checkpoints/{entry.name}"
+                )
             folder = ensure_checkpoint(args.model, download_dir=args.download_dir)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
