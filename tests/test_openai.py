@@ -538,7 +538,7 @@ def test_a_non_loopback_host_needs_allow_remote(capsys):
 
 
 def test_the_command_serves_and_exits_0_on_sigterm_with_a_request_in_flight(tiny_bundle, image, tmp_path):
-    from bench.serve_bench import free_ports
+    from tests.serving_helpers import free_ports
 
     (port,) = free_ports(1)
     log = open(tmp_path / "server.log", "w+")
