@@ -110,6 +110,7 @@ class Governor:
         self.projector: list[tuple[float, float]] = []
         self.prefill: list[tuple[float, float]] = []
         self.observations = 0
+        self.in_use = False  # set by the first auto request or calibration: only then is the cache written
         self._fits: tuple[np.ndarray, np.ndarray] | None = None
         self._load()
 
@@ -140,7 +141,7 @@ class Governor:
                 _append(self.prefill, (float(prompt_tokens), ms["prefill"]))
             self._fits = None
             self.observations += 1
-            due = self.observations % SAVE_EVERY == 0
+            due = self.in_use and self.observations % SAVE_EVERY == 0
         if due:
             self.save()
 
@@ -166,6 +167,7 @@ class Governor:
     def choose(self, layout: AnyresLayout, cfg: HiredConfig, *, text_tokens: int, target_ms: float,
                spent_ms: float | None = None) -> Choice:  # fmt: skip
         """The largest candidate rate in [min_budget, 1.0] predicted to meet `target_ms`; min_budget if none."""
+        self.in_use = True
         rates = np.unique(np.round(np.r_[np.arange(self.min_budget, 1.0, RATE_STEP), 1.0], 6))
         predicted = self.predict_ms(layout, cfg, text_tokens, rates, spent_ms)
         fits = np.flatnonzero(predicted <= target_ms)
@@ -210,12 +212,15 @@ class Governor:
         self.preprocess, self.vision, self.projector, self.prefill = preprocess, vision, projector, prefill
 
 
-def calibrate(pipe, image, prompt: str, *, rates: tuple[float, ...] = CALIBRATION_RATES) -> None:
+def calibrate(pipe, image, prompt: str, *, rates: tuple[float, ...] = CALIBRATION_RATES, lazy: bool = False) -> None:
     """Run `image` + `prompt` at each rate with one new token through `pipe` (its requests update its governor),
-    then save the cache. Runs only once at a time; a Pipeline that is already calibrated is left alone unless
-    this is an explicit calibration (then it measures again)."""
+    then save the cache. One calibration at a time; `lazy` (the first auto request's) does nothing when another
+    request calibrated meanwhile."""
     gov: Governor = pipe.governor
+    gov.in_use = True
     with gov.calibrating:
+        if lazy and gov.calibrated:
+            return
         cold = gov.observations == 0
         for i, rate in enumerate(rates):
             pipe.generate(image, prompt, budget=rate, max_new_tokens=1)
@@ -233,7 +238,7 @@ def auto_budget(pipe, opts, layout: AnyresLayout | None, image, prompt, text_tok
         return opts.hired_config(pipe.defaults), auto
     gov: Governor = pipe.governor
     if not gov.calibrated:
-        calibrate(pipe, image, prompt)
+        calibrate(pipe, image, prompt, lazy=True)
     cfg = opts.hired_config(pipe.defaults)
     choice = gov.choose(layout, cfg, text_tokens=text_tokens, target_ms=opts.target_ttft_ms, spent_ms=1000.0 * spent_s)
     auto["predicted_ttft_ms"] = choice.predicted_ms

@@ -172,3 +172,11 @@ def test_cli_takes_budget_auto_target_and_selector(tiny_bundle, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: selector must be one of hired, cls, uniform, random, visionzip; got 'nope'"
+
+
+def test_a_pipeline_that_never_asks_for_auto_writes_no_cache(tiny_bundle, cache_home):
+    with Pipeline.load(tiny_bundle) as p:
+        for _ in range(10):  # more than the observations between cache writes
+            p.generate(None, "Hi.", max_new_tokens=1)
+        assert p.governor.observations == 10
+    assert not cache_home.exists() or not list(cache_home.iterdir())
