@@ -5,20 +5,25 @@
 
 One graph serves prefill (past of length 0) and decode (s = 1). Tensor names:
     inputs_embeds [b, s, Dt]   attention_mask int64 [b, p + s]   position_ids int64 [b, s]
-    past_key_values.{i}.key / .value [b, kv, p, hd]
- -> logits float32 [b, 1, V] (last position only)   present.{i}.key / .value [b, kv, p + s, hd]
+    past_key_values.{i}.key / .value [b, kv, p or max_len, hd]
+ -> logits float32 [b, 1, V] (last position only)   present.{i}.key / .value [b, kv, p + s or max_len, hd]
 
-The dynamo exporter at opset 23 emits the ONNX Attention / RotaryEmbedding / RMSNormalization ops
-(onnxruntime >= 1.23 for the Attention-23 CPU kernel); opset 18 decomposes attention into primitive ops and
-runs on onnxruntime >= 1.14, about 2.5x slower on long prompts.
+The dynamo exporter at opset 23 emits the ONNX Attention / RotaryEmbedding / RMSNormalization ops; opset 18
+decomposes attention into primitive ops and runs on onnxruntime >= 1.14, about 2.5x slower on long prompts.
 
-After export, each masked `Attention` node is split into ATTENTION_BLOCKS query blocks (`block_causal_attention`):
-block j attends only to the keys a causal mask can let it see (past + its last row), so the upper triangle of
-QK^T is never computed and each block's score matrix stays cache-sized. ORT 1.32's CPU Attention kernel
-computes the full [s, p + s] scores even with is_causal; blocking cuts attention time 2.5x and the whole prefill
-1.4-1.6x at 2950 tokens (bench shape). The result is exact for any mask that includes causality (the exported
-one does). Chunks shorter than ATTENTION_BLOCKS rows (decode steps) take the original single node through an
-`If`, as ORT rejects empty queries. Opset 18 graphs have no Attention node and are left as they are.
+After export (`rewrite_attention`, also run by the streaming route on its saved graph, weights untouched):
+- opset 23: each layer's Concat(past, new) + repeat_kv Expand + Attention becomes one com.microsoft
+  GroupQueryAttention (`group_query_attention`): it reads the KV heads as they are and, with past_* and present_*
+  bound to one buffer [b, kv, max_len, hd] (runtime/decoder.py), writes only the new positions in place. Its
+  mask is seqlens_k / total_sequence_length from attention_mask (ones: batch 1 or right padding). Residual Add +
+  RMSNormalization pairs become SkipSimplifiedLayerNormalization. The linear layers stay MatMul(x, W [in, out])
+  on initialisers (what export/quantize.py turns into MatMulNBits). The graph's metadata says
+  `hired_edge.kv_cache: shared-buffer`; needs onnxruntime >= 1.23 (the opset-23 ops) with the contrib ops.
+- a graph GroupQueryAttention cannot take (a sliding-window model, an attention of another form) keeps Concat
+  and splits each masked Attention into ATTENTION_BLOCKS query blocks (`block_causal_attention`): block j
+  attends only to the keys a causal mask lets it see, so the upper triangle of QK^T is never computed (ORT 1.32's
+  CPU Attention computes the full [s, p + s] scores even with is_causal). Metadata `hired_edge.kv_cache: concat`.
+- opset 18: no Attention node; left as it is (concat).
 """
 
 from __future__ import annotations
@@ -262,13 +267,18 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
     def perm(node: onnx.NodeProto) -> list[int]:
         return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
 
-    def projection(x4: str) -> tuple[str, onnx.NodeProto | None]:
-        """[b, h, s, hd] tensor -> (its [b, s, h*hd] source, the RotaryEmbedding applied on the way or None)."""
+    def projection(x4: str) -> tuple[str, onnx.NodeProto | None, bool]:
+        """[b, h, s, hd] tensor -> (its [b, s, h*hd] source, the RotaryEmbedding applied on the way or None, False)
+        when it is MatMul -> Reshape -> Transpose (-> RotaryEmbedding); else (x4, None, True): transpose it back.
+        (fp16 exports spell rotary out in Mul/Slice/Neg/Concat on [b, h, s, hd]: the generic case.)"""
         rotary = producer.get(x4) if producer.get(x4) is not None and producer[x4].op_type == "RotaryEmbedding" else None
-        t = prod(rotary.input[0] if rotary else x4, "Transpose")
-        if perm(t) != [0, 2, 1, 3]:
-            raise NotMatched(f"Transpose {t.name!r} has perm {perm(t)}, expected [0, 2, 1, 3]")
-        return prod(t.input[0], "Reshape").input[0], rotary
+        try:
+            t = prod(rotary.input[0] if rotary else x4, "Transpose")
+            if perm(t) != [0, 2, 1, 3]:
+                raise NotMatched(f"Transpose {t.name!r} has perm {perm(t)}, expected [0, 2, 1, 3]")
+            return prod(t.input[0], "Reshape").input[0], rotary, False
+        except NotMatched:
+            return x4, None, True
 
     def cache(kv: str) -> onnx.NodeProto:
         """The Concat(past, new) that the attention's key/value input is derived from (through repeat_kv)."""
@@ -288,19 +298,15 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("softcap") or attrs.get("softmax_precision") not in (None, 1):
             raise NotMatched(f"Attention {node.name!r} has attributes GroupQueryAttention does not take: {attrs}")
-        q_src, q_rot = projection(node.input[0])
         k_cat, v_cat = cache(node.input[1]), cache(node.input[2])
-        k_src, k_rot = projection(k_cat.input[1])
-        v_src, v_rot = projection(v_cat.input[1])
-        if (q_rot is None) != (k_rot is None) or v_rot is not None:
-            raise NotMatched(f"Attention {node.name!r}: rotary on q and k only is expected")
+        qkv = [projection(node.input[0]), projection(k_cat.input[1]), projection(v_cat.input[1])]
         after = consumers.get(node.output[0], [])
         if len(after) != 1 or after[0].op_type != "Transpose" or perm(after[0]) != [0, 2, 1, 3]:
             raise NotMatched(f"Attention {node.name!r} output is not transposed back to [b, s, h, hd]")
         reshape = consumers.get(after[0].output[0], [])
         if len(reshape) != 1 or reshape[0].op_type != "Reshape":
             raise NotMatched(f"Attention {node.name!r} output is not reshaped to [b, s, h*hd]")
-        plans.append((node, attrs, q_src, q_rot, k_src, k_rot, v_src, k_cat, v_cat, reshape[0].output[0]))
+        plans.append((node, attrs, qkv, k_cat, v_cat, reshape[0].output[0]))
     if not plans:
         raise NotMatched("the graph has no Attention node")
 
@@ -316,16 +322,24 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
     graph.initializer.extend([
         onnx.numpy_helper.from_array(np.array([1], np.int64), f"{tag}_axis1"),
         onnx.numpy_helper.from_array(np.array(1, np.int64), f"{tag}_one"),
+        onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{tag}_bs_1"),
     ])
     replaced = {}
-    for i, (node, attrs, q_src, q_rot, k_src, k_rot, v_src, k_cat, v_cat, out) in enumerate(plans):
-        new = [_rotary_3d(src, rot, heads, f"{tag}{i}_{x}")
-               for src, rot, heads, x in ((q_src, q_rot, num_heads, "q"), (k_src, k_rot, kv_heads, "k")) if rot]
-        q = new[0].output[0] if q_rot else q_src
-        k = new[-1].output[0] if k_rot else k_src
+    for i, (node, attrs, qkv, k_cat, v_cat, out) in enumerate(plans):
+        new, names = [], []
+        for (src, rot, generic), heads, x in zip(qkv, (num_heads, kv_heads, kv_heads), "qkv"):
+            name = f"{tag}{i}_{x}"
+            if generic:  # [b, h, s, hd] -> [b, s, h, hd] -> [b, s, h*hd]
+                new.append(helper.make_node("Transpose", [src], [f"{name}_t"], perm=[0, 2, 1, 3]))
+                new.append(helper.make_node("Reshape", [f"{name}_t", f"{tag}_bs_1"], [name]))
+            elif rot is not None:
+                new.append(_rotary_3d(src, rot, heads, name))
+            else:
+                name = src
+            names.append(name)
         gqa = helper.make_node(
             "GroupQueryAttention",
-            [q, k, v_src, k_cat.input[0], v_cat.input[0], f"{tag}_seqlens_k", f"{tag}_total"],
+            [*names, k_cat.input[0], v_cat.input[0], f"{tag}_seqlens_k", f"{tag}_total"],
             [out, k_cat.output[0], v_cat.output[0]],
             name=f"{tag}{i}",
             domain="com.microsoft",
@@ -336,7 +350,7 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
             gqa.attribute.append(helper.make_attribute("scale", float(attrs["scale"])))
         new.append(gqa)
         replaced[id(node)] = new
-    dead = {id(p[7]) for p in plans} | {id(p[8]) for p in plans} | {id(producer[p[9]]) for p in plans}
+    dead = {id(p[3]) for p in plans} | {id(p[4]) for p in plans} | {id(producer[p[5]]) for p in plans}
     nodes = list(seq_nodes)
     for n in graph.node:
         if id(n) in replaced:
@@ -346,10 +360,40 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
     del graph.node[:]
     graph.node.extend(nodes)
     prune_dead_nodes(graph)
+    fuse_residual_norms(graph)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     set_kv_cache(model, SHARED)
     return len(plans)
+
+
+def fuse_residual_norms(graph: onnx.GraphProto) -> int:
+    """Add(x, y) -> RMSNormalization(sum, w) becomes com.microsoft SkipSimplifiedLayerNormalization(x, y, w), whose
+    fourth output is the sum (the next residual). Returns the number fused (2 per layer + the final norm)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    initialisers = {t.name for t in graph.initializer}
+    fused: dict[int, onnx.NodeProto] = {}
+    dead: set[int] = set()
+    for node in graph.node:
+        add = producer.get(node.input[0]) if node.op_type == "RMSNormalization" else None
+        if add is None or add.op_type != "Add" or any(i in initialisers for i in add.input) or len(node.input) != 2:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("axis", -1) != -1 or attrs.get("stash_type", 1) != 1:
+            continue
+        skip = helper.make_node(
+            "SkipSimplifiedLayerNormalization",
+            [add.input[0], add.input[1], node.input[1]],
+            [node.output[0], "", "", add.output[0]],
+            name=f"{node.name or node.output[0]}_skip",
+            domain="com.microsoft",
+            epsilon=float(attrs.get("epsilon", 1e-5)),
+        )
+        fused[id(node)], dead = skip, dead | {id(add)}
+    nodes = [fused.get(id(n), n) for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(fused)
 
 
 def _rotary_3d(src: str, rot: onnx.NodeProto, heads: int, name: str) -> onnx.NodeProto:
