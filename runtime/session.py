@@ -129,7 +129,9 @@ class OrtSession:
         cache_dir: str | os.PathLike | None = None,
         warn: bool = True,
     ) -> OrtSession:
-        """`warn=False` leaves the missing-provider warning to the caller (one line per Pipeline, not per graph)."""
+        """`threads`: onnxruntime intra-op threads of this session; None = onnxruntime's default, one thread per
+        physical core (2 on the 2-core CI box; set it to share a machine). `warn=False` leaves the missing-provider
+        warning to the caller (one line per Pipeline, not per graph)."""
         graph = manifest.graphs[name]
         path = manifest.path(name)
         chain, warnings = provider_chain(provider, cache_dir)
