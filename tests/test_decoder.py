@@ -191,3 +191,42 @@ def test_a_cpu_session_keeps_its_cache_in_cpu_memory(session, embed, manifest):
     assert session.session.get_providers()[0] == "CPUExecutionProvider" and dec.device == ("cpu", 0)
     cache = dec.new_cache(8)
     assert {v.device_name() for v in cache.values} == {"cpu"}
+
+
+def test_an_fp16_export_reads_its_cache_in_place_too(tmp_path):
+    """fp16 exports spell rotary out (Mul/Slice/Neg on [b, h, s, hd]); they get GroupQueryAttention all the same,
+    and the bound-buffer run stays within fp16 rounding of the fp32 torch model."""
+    import onnxruntime as ort
+    import torch
+
+    from export.decoder import DecoderWrapper, export_decoder
+    from models import registry
+    from models.build import random_model
+
+    config = registry.get("tiny").llava_config()
+    config.text_config.num_hidden_layers = 1  # one block keeps this extra export short
+    model = random_model(config, seed=0)
+    x = torch.randn(1, 20, 128, generator=torch.Generator().manual_seed(0)) * 0.5
+    wrapper = DecoderWrapper(model.model.language_model, model.lm_head).eval()
+    with torch.no_grad():
+        want = wrapper(x, torch.ones(1, 20, dtype=torch.int64), torch.arange(20)[None], *[torch.zeros(1, 2, 0, 32)] * 2)
+    want = want[0].reshape(-1).numpy()
+    path = export_decoder(model.half(), tmp_path / "decoder.onnx", opset=23)
+    graph = onnx.load(str(path), load_external_data=False)
+    assert {p.key: p.value for p in graph.metadata_props}[KV_CACHE_KEY] == SHARED
+    past = {"past_key_values.0.key", "past_key_values.0.value"}
+    assert {n.op_type for n in graph.graph.node if set(n.input) & past} == {"GroupQueryAttention"}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cache = [ort.OrtValue.ortvalue_from_shape_and_type((1, 2, 24, 32), np.float16, "cpu", 0) for _ in range(2)]
+    binding = sess.io_binding()
+    binding.bind_output("logits", "cpu")
+    binding.bind_cpu_input("inputs_embeds", x.numpy().astype(np.float16))
+    binding.bind_cpu_input("attention_mask", np.ones((1, 20), np.int64))
+    binding.bind_cpu_input("position_ids", np.arange(20)[None])
+    for value, name in zip(cache, ("key", "value")):
+        binding.bind_ortvalue_input(f"past_key_values.0.{name}", value)
+        binding.bind_ortvalue_output(f"present.0.{name}", value)
+    sess.run_with_iobinding(binding)
+    got = binding.get_outputs()[0].numpy().reshape(-1)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert int(np.argmax(got)) == int(np.argmax(want))
