@@ -1,6 +1,7 @@
-"""Command line: one image + prompt through a bundle, text streamed as it is decoded.
+"""Command line: an image (or several) + prompt through a bundle, text streamed as it is decoded.
 
     python -m runtime.infer --artifacts artifacts/tiny --image assets/demo.png --prompt "What is this?" --budget 0.2
+    python -m runtime.infer --artifacts artifacts/tiny --image a.png --image b.png --prompt "<image> <image> What changed?"
 
 The request flags map one to one onto runtime.options.RequestOptions (defaults included). Output paths
 (--dump, --show-kept) are checked before any model runs.
@@ -26,6 +27,7 @@ from runtime.options import RequestOptions
 PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                    ".tiff": "TIFF", ".gif": "GIF"}  # fmt: skip
 DUMP_ARRAYS = ("pixel_values", "early_scores", "late_scores", "inputs_embeds", "prefill_logits")  # + kept_indices.json
+IMAGE_ARRAYS = ("pixel_values", "early_scores", "late_scores")  # per image: suffixed _0, _1, ... with several
 _D = RequestOptions()  # the defaults the help text shows
 
 
@@ -38,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Options left out take the bundle manifest's defaults (budget 0.2, alpha 0.5, spatial, no newlines).",
     )
     p.add_argument("--artifacts", required=True, metavar="DIR", help="bundle folder written by `python -m export`")
-    p.add_argument("--image", required=True, metavar="IMG", help="image file (PNG, JPEG, ...)")
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question; the image slot is added for you")
+    p.add_argument("--image", required=True, action="append", metavar="IMG",
+                   help="image file (PNG, JPEG, ...); give it again for several images, in prompt order")
+    p.add_argument("--prompt", required=True, metavar="TEXT",
+                   help="the question; the image slot is added for you, or put one <image> where each image goes")
     p.add_argument("--budget", type=budget, metavar="R|auto",
                    help="share of the visual tokens to keep, in (0, 1]; 1.0 = the stock model; auto = the largest "
                         "share predicted to meet --target-ttft-ms")
@@ -65,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse larger images (default {format_pixels(DEFAULT_MAX_PIXELS)})")
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON line, last on stdout (streamed text goes to stderr)")
-    p.add_argument("--dump", metavar="DIR", help="write pixel_values, scores, kept indices, inputs_embeds, logits")
+    p.add_argument("--dump", metavar="DIR", help="write pixel_values, scores, kept indices, inputs_embeds, logits "
+                   "(per-image files get an index suffix, pixel_values_0.npy, ..., when there are several images)")
     p.add_argument("--show-kept", metavar="OUT.png",
                    help=f"write the image with kept patches lit, dropped dimmed ({', '.join(PICTURE_FORMATS)})")
     return p  # fmt: skip
@@ -147,7 +152,8 @@ def run(args: argparse.Namespace, options: RequestOptions, out):
 
     with Pipeline.load(args.artifacts, provider=args.provider, max_pixels=args.max_pixels) as pipe:
         trace = Trace() if (args.dump or args.show_kept) else None
-        stream = pipe.stream(args.image, args.prompt, trace=trace, **options.to_dict())
+        images = args.image if len(args.image) > 1 else args.image[0]
+        stream = pipe.stream(images, args.prompt, trace=trace, **options.to_dict())
         for piece in stream:
             out.write(piece)
             out.flush()
@@ -158,20 +164,35 @@ def run(args: argparse.Namespace, options: RequestOptions, out):
         if args.show_kept:
             from runtime.visualize import render_kept
 
-            picture = render_kept(trace, pipe.manifest.image_processor, result)
-            picture.save(args.show_kept, format=PICTURE_FORMATS[Path(args.show_kept).suffix.lower()])
+            out_path = Path(args.show_kept)
+            for i, (one, path) in enumerate(per_image(trace, out_path.parent / out_path.stem, out_path.suffix)):
+                picture = render_kept(one, pipe.manifest.image_processor, result, image=i)
+                picture.save(path, format=PICTURE_FORMATS[out_path.suffix.lower()])
     return result
+
+
+def per_image(trace, stem: Path, suffix: str) -> list:
+    """[(the Trace of image i, stem + suffix)] for one image; stem_0 + suffix, stem_1 + suffix, ... for several."""
+    if len(trace.images) <= 1:
+        return [(trace, stem.with_name(stem.name + suffix))]
+    return [(one, stem.with_name(f"{stem.name}_{i}{suffix}")) for i, one in enumerate(trace.images)]
 
 
 def write_dump(folder: Path, trace) -> None:
     """The intermediate arrays of one request (a runtime.pipeline.Trace), for comparing a device's run with a
     reference: pixel_values.npy, early_scores.npy, late_scores.npy, inputs_embeds.npy, prefill_logits.npy and
-    kept_indices.json ({"per_image": [[token, ...], ...], "order": [...]})."""
+    kept_indices.json ({"per_image": [[token, ...], ...], "order": [...]}). With several images the per-image
+    files get an index suffix (pixel_values_0.npy, ..., kept_indices_0.json, ...); inputs_embeds.npy and
+    prefill_logits.npy stay one array each."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in DUMP_ARRAYS:
+    for name in ("inputs_embeds", "prefill_logits"):
         np.save(folder / f"{name}.npy", np.asarray(getattr(trace, name)))
-    kept = {"per_image": [k.tolist() for k in trace.kept_indices], "order": trace.order.tolist()}
-    (folder / "kept_indices.json").write_text(json.dumps(kept))
+    for name in IMAGE_ARRAYS:
+        for one, path in per_image(trace, folder / name, ".npy"):
+            np.save(path, np.asarray(getattr(one, name)))
+    for one, path in per_image(trace, folder / "kept_indices", ".json"):
+        kept = {"per_image": [k.tolist() for k in one.kept_indices], "order": one.order.tolist()}
+        path.write_text(json.dumps(kept))
 
 
 if __name__ == "__main__":

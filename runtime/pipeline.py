@@ -1,4 +1,4 @@
-"""The Python API: image + prompt -> HiRED-pruned LLaVA-NeXT answer, on onnxruntime only.
+"""The Python API: image(s) + prompt -> HiRED-pruned LLaVA-NeXT / LLaVA-1.5 answer, on onnxruntime only.
 
     from runtime import Pipeline
     with Pipeline.load("artifacts/tiny") as p:
@@ -7,7 +7,8 @@
 
 One request runs named stages: preprocess (checks, image, prompt) -> vision -> select (HiRED) -> project (kept
 tokens only) -> splice (prompt embeddings around the visual span) -> generate (runtime.generate's loop).
-The request options are runtime.options.RequestOptions; `image=None` asks without an image.
+The request options are runtime.options.RequestOptions; `image=None` asks without an image, a list of images
+asks about several (runtime.visual: each its own layout and HiRED plan at the request's rate).
 
 Thread safety: one Pipeline may be called from many threads at once. What is shared: the three onnxruntime
 sessions (their `run` is thread-safe), the tokenizer (read-only), the embedding table and the manifest; every
@@ -36,9 +37,11 @@ from hired.selectors import Selection
 from runtime.bundle_check import check_loaded
 from runtime.decoder import Decoder
 from runtime.errors import (
+    BudgetError,
     BundleError,
     GenerationError,
     HiredError,
+    ImageError,
     PipelineClosedError,
     PromptError,
 )
@@ -53,6 +56,7 @@ from runtime.prompt import Chat, PromptEncoder
 from runtime.quant import check_method, check_onnxruntime
 from runtime.selection import projector_rows, select_stage
 from runtime.stream import CLOSED, TextStream, _ReleaseOnce
+from runtime.visual import ImagePart, budget_total, image_list, splice, visual_tokens
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_CLOSE_TIMEOUT_S = 30.0
@@ -66,7 +70,8 @@ class GenerationResult:
 
     text: str
     token_ids: tuple[int, ...]  # generated ids only, EOS included when produced
-    visual_tokens: MappingProxyType  # before (stock span), kept (span fed to the LLM), per_image (base first)
+    visual_tokens: MappingProxyType  # before (stock span), kept (span fed to the LLM), per_image (base first);
+    # with several images also `images`: ({before, kept} per input image); per_image is flat over all of them
     budget: MappingProxyType  # rate, alpha, total (= T), distribution, newlines
     timings_ms: MappingProxyType  # RESULT_TIMING_KEYS
     provider: str
@@ -90,7 +95,8 @@ class GenerationResult:
 class Trace:
     """The intermediate arrays of one request, filled by `generate(..., trace=Trace())`: for `runtime.infer
     --dump`, the kept-token picture (runtime.visualize) and the benchmarks. None where a stage did not run
-    (a text-only request has no image stages)."""
+    (a text-only request has no image stages). With several images the per-image fields stay None and `images`
+    holds one Trace per image; inputs_embeds and prefill_logits are the request's."""
 
     pixel_values: np.ndarray | None = None  # [n, 3, s, s] as fed to the vision graph (base image first)
     early_scores: np.ndarray | None = None  # [n, 576] early-layer CLS attention
@@ -103,6 +109,7 @@ class Trace:
     order: np.ndarray | None = None  # [span] packed visual span: image * 576 + token, or NEWLINE
     inputs_embeds: np.ndarray | None = None  # [L, Dt] what the decoder's prefill got
     prefill_logits: np.ndarray | None = None  # [V] last-position logits of the prefill
+    images: list[Trace] = field(default_factory=list)  # one per input image (the fields above them, per image)
 
 
 @dataclass
@@ -111,11 +118,9 @@ class _Request:
 
     cfg: HiredConfig
     sampling: SamplingConfig
-    ids_before: list[int]  # prompt ids before the image slot (all of them for a text-only request)
-    ids_after: list[int]
+    segments: list[list[int]]  # prompt ids around the images' slots (one list for a text-only request)
     graphs: tuple  # (vision, projector, decoder) of this request: close() may drop the Pipeline's own
-    pixel_values: np.ndarray | None = None  # None: text-only
-    layout: AnyresLayout | None = None
+    parts: list[ImagePart] = field(default_factory=list)  # one per input image, in prompt order
     timings: dict[str, float] = field(default_factory=dict)
     t_start: float = 0.0
     trace: Trace | None = None
@@ -331,18 +336,14 @@ class Pipeline:
         if chars > 16 * self.max_context:
             raise PromptError(f"prompt is {chars} characters, far over the {self.max_context}-token context")
         graphs = (self.vision, self.projector, self.decoder)
-        if image is None:  # text only: the template without its image slot, no visual tokens
-            ids_before, ids_after = self.prompt.encode(prompt, image=False)
-            req = _Request(cfg, sampling, ids_before, ids_after, graphs, t_start=t0, trace=trace)
-            visual = 0
-        else:
-            ids_before, ids_after = self.prompt.encode(prompt)
-            rgb = load_image(image, color=opts.color, max_pixels=self.max_pixels)
-            pre = preprocess(rgb, self.manifest.image_processor, patch_size=self.manifest.vision.patch_size)
-            req = _Request(cfg, sampling, ids_before, ids_after, graphs, pre.pixel_values, pre.layout, t_start=t0,
-                           trace=trace)  # fmt: skip
-            visual = pre.layout.tokens_per_image
-        text_len = len(ids_before) + len(ids_after)
+        images = image_list(image)  # none: text only, the template without its image slot
+        if opts.is_auto and len(images) > 1:
+            raise BudgetError("budget='auto' takes one image; give a request with several images a numeric budget")
+        segments = self.prompt.encode_slots(prompt, len(images))
+        req = _Request(cfg, sampling, segments, graphs, [self._preprocess(im, i, len(images), opts.color)
+                       for i, im in enumerate(images)], t_start=t0, trace=trace)  # fmt: skip
+        visual = sum(part.layout.tokens_per_image for part in req.parts)
+        text_len = sum(len(ids) for ids in segments)
         if text_len + sampling.max_new_tokens + visual > self.max_context:
             raise PromptError(
                 f"prompt is {text_len} tokens; with the image and max_new_tokens={sampling.max_new_tokens} it "
@@ -351,23 +352,32 @@ class Pipeline:
         req.timings["preprocess"] = time.perf_counter() - t0
         req.selector = opts.selector
         if opts.is_auto:  # the governor's rate, calibrating first on this image if it must
-            req.cfg, req.auto = auto_budget(self, opts, req.layout, image, prompt, text_len, req.timings["preprocess"])
+            layout = req.parts[0].layout if req.parts else None
+            req.cfg, req.auto = auto_budget(self, opts, layout, image, prompt, text_len, req.timings["preprocess"])
         return req
 
-    def _vision(self, req: _Request) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _preprocess(self, image, index: int, count: int, color: str) -> ImagePart:
+        """One input image -> its pixel values and layout; an ImageError names the image when there are several."""
+        try:
+            rgb = load_image(image, color=color, max_pixels=self.max_pixels)
+        except ImageError as e:
+            raise (ImageError(f"image {index}: {e}") if count > 1 else e) from None
+        return ImagePart(preprocess(rgb, self.manifest.image_processor, patch_size=self.manifest.vision.patch_size))
+
+    def _vision(self, req: _Request, part: ImagePart) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """pixel_values [n, 3, s, s] -> (features [n, 576, Dv], early scores [n, 576], late scores [n, 576])."""
         vision = req.graphs[0]
         name = vision.inputs["pixel_values"]
         out = vision.outputs
         feats, early, late = vision.run(
-            {name: req.pixel_values.astype(vision.dtype(name), copy=False)},
+            {name: part.pre.pixel_values.astype(vision.dtype(name), copy=False)},
             [out["features"], out["early_scores"], out["late_scores"]],
         )
         return feats, early, late
 
-    def _select(self, req: _Request, feats, early, late) -> tuple[Selection, np.ndarray]:
-        """The request's selector (HiRED by default; runtime.selection) -> (Selection, packed order)."""
-        return select_stage(req.layout, req.cfg, req.selector, req.sampling.seed, feats, early, late)
+    def _select(self, req: _Request, part: ImagePart) -> tuple[Selection, np.ndarray]:
+        """The request's selector (HiRED by default; runtime.selection) on one image -> (Selection, packed order)."""
+        return select_stage(part.layout, req.cfg, req.selector, req.sampling.seed, part.feats, part.early, part.late)
 
     def _project(self, req: _Request, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
         """The kept tokens' rows [k, Dv] through the projector, newline embeddings in their slots: [span, Dt]."""
@@ -382,14 +392,9 @@ class Pipeline:
         visual[~is_token] = self.image_newline.astype(projected.dtype)
         return visual
 
-    def _splice(self, req: _Request, visual: np.ndarray | None) -> np.ndarray:
-        """Prompt embeddings around the visual span: inputs_embeds [L, Dt]; PromptError past the context."""
-        table = self.embed_tokens
-        parts = [table[req.ids_before]]
-        if visual is not None:
-            parts.append(visual.astype(table.dtype, copy=False))
-        parts.append(table[req.ids_after])
-        embeds = np.concatenate(parts)
+    def _splice(self, req: _Request) -> np.ndarray:
+        """Prompt embeddings around the images' visual spans: inputs_embeds [L, Dt]; PromptError past the context."""
+        embeds = splice(self.embed_tokens, req.segments, [part.visual for part in req.parts])
         if embeds.shape[0] + req.sampling.max_new_tokens > self.max_context:
             raise PromptError(
                 f"prompt + image make {embeds.shape[0]} tokens; with max_new_tokens={req.sampling.max_new_tokens} "
@@ -412,42 +417,40 @@ class Pipeline:
 
     def _run(self, req: _Request) -> Iterator[str]:
         tm, trace = req.timings, req.trace
-        plan, keep, order, visual = None, [], np.empty(0, dtype=np.int64), None
-        if req.pixel_values is not None:
+        for part in req.parts:  # each image: vision -> select (its own plan at the request's rate) -> project
             self._check_open()
             t = time.perf_counter()
-            feats, early, late = self._vision(req)
-            tm["vision"] = time.perf_counter() - t
+            part.feats, part.early, part.late = self._vision(req, part)
+            tm["vision"] = tm.get("vision", 0.0) + time.perf_counter() - t
             self._check_open()
             t = time.perf_counter()
-            sel, order = self._select(req, feats, early, late)
-            plan, keep = sel.plan, sel.keep
-            tm["select"] = time.perf_counter() - t
+            part.selection, part.order = self._select(req, part)
+            tm["select"] = tm.get("select", 0.0) + time.perf_counter() - t
             t = time.perf_counter()
-            visual = self._project(req, projector_rows(feats, order, sel.groups), order)
-            tm["projector"] = time.perf_counter() - t
-            if trace is not None:
-                trace.pixel_values, trace.early_scores, trace.late_scores = req.pixel_values, early, late
-                trace.features, trace.groups = feats, sel.groups
-                trace.kept_indices, trace.layout, trace.plan, trace.order = keep, req.layout, plan, order
-        embeds = self._splice(req, visual)
+            rows = projector_rows(part.feats, part.order, part.selection.groups)
+            part.visual = self._project(req, rows, part.order)
+            tm["projector"] = tm.get("projector", 0.0) + time.perf_counter() - t
+        if trace is not None:
+            trace.images = [_image_trace(part) for part in req.parts]
+            if len(req.parts) == 1:  # one image: its fields at the top level, as before several images existed
+                for name in _IMAGE_FIELDS:
+                    setattr(trace, name, getattr(trace.images[0], name))
+        embeds = self._splice(req)
         if trace is not None:
             trace.inputs_embeds = embeds
         self._check_open()
         text, ids = yield from self._generate(req, embeds)
         tm["total"] = time.perf_counter() - req.t_start
         cfg = req.cfg
-        n_images = req.layout.n_images if req.layout is not None else 0
-        self.governor.observe(n_images=n_images, span=int(order.shape[0]), prompt_tokens=embeds.shape[0], timings_s=tm)
+        visual = visual_tokens(req.parts)
+        partitions = sum(part.layout.n_images for part in req.parts)
+        self.governor.observe(n_images=partitions, span=visual["kept"], prompt_tokens=embeds.shape[0], timings_s=tm)
         return GenerationResult(
             text=text,
             token_ids=ids,
-            visual_tokens=MappingProxyType(
-                {"before": int(req.layout.stock_tokens) if req.layout is not None else 0, "kept": int(order.shape[0]),
-                 "per_image": tuple(len(k) for k in keep)}
-            ),  # fmt: skip
+            visual_tokens=MappingProxyType(visual),
             budget=MappingProxyType(
-                {"rate": cfg.rate, "alpha": cfg.alpha, "total": int(plan.total) if plan is not None else 0,
+                {"rate": cfg.rate, "alpha": cfg.alpha, "total": budget_total(req.parts),
                  "distribution": cfg.distribution, "newlines": cfg.newlines, **(req.auto or {})}
             ),  # fmt: skip
             timings_ms=MappingProxyType({k: round(tm.get(k, 0.0) * 1000, 3) for k in RESULT_TIMING_KEYS}),
@@ -465,6 +468,18 @@ def _after_prefill(gen: Generation, req: _Request) -> Iterator[int]:
             req.trace.prefill_logits = gen.prefill_logits
         first = False
         yield token
+
+
+_IMAGE_FIELDS = ("pixel_values", "early_scores", "late_scores", "features", "groups", "kept_indices", "layout", "plan",
+                 "order")  # fmt: skip
+
+
+def _image_trace(part: ImagePart) -> Trace:
+    """The per-image fields of a Trace for one input image."""
+    sel = part.selection
+    return Trace(pixel_values=part.pre.pixel_values, early_scores=part.early, late_scores=part.late,
+                 features=part.feats, groups=sel.groups, kept_indices=sel.keep, layout=part.layout, plan=sel.plan,
+                 order=part.order)  # fmt: skip
 
 
 def _load_npy(manifest: Manifest, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Prompt -> token ids around one image slot, and ids -> text, with the bundle's tokenizer.json and template.
+"""Prompt -> token ids around the image slots, and ids -> text, with the bundle's tokenizer.json and template.
 
     enc = PromptEncoder(manifest.path("tokenizer"), manifest.prompt, manifest.tokens)
     before, after = enc.encode("What is on the table?")              # the manifest's template, image slot between
     ids, _ = enc.encode("Hello", image=False)                         # the same template without the image slot
+    a, b, c = enc.encode_slots("<image> <image> What changed?", 2)   # the text around 2 images' slots
     before, after = enc.encode(Chat((("user", "Describe it."), ("assistant", "A cat."), ("user", "Its colour?")),
                                     system="Answer briefly."))       # several turns in the model's own chat format
 
@@ -14,6 +15,10 @@ The chat format is read from the manifest's single-turn template (the registry's
   (no system block without a system text).
 A template of another shape supports one user turn without a system text; anything else is a PromptError.
 One user turn without a system text is always exactly the template, so `encode(text)` == `encode(Chat(...one turn))`.
+
+Several images (`encode_slots(prompt, n)`): a prompt without `<image>` markers gets the n images in the
+template's image slot, in order (`<image>\n` n times, as chat templates put images first); a prompt with exactly
+n markers has them replace the template's slot; any other count is a PromptError saying how many it found.
 """
 
 from __future__ import annotations
@@ -106,8 +111,8 @@ class ChatFormat:
             return cls("mistral", head, "[INST] ", image, close)
         return cls("single", head, "", image, close)
 
-    def render(self, chat: Chat, *, image: bool, eos: str) -> str:
-        """The chat as text, the image slot in chat.image_turn (or the first user turn) when `image`."""
+    def render(self, chat: Chat, *, image: bool | int, eos: str) -> str:
+        """The chat as text, `image` image slots (True = 1) in chat.image_turn (or the first user turn)."""
         one_turn = len(chat.turns) == 1 and chat.system is None
         if self.style == "single" and not one_turn:
             raise PromptError(
@@ -119,7 +124,7 @@ class ChatFormat:
             if role == "assistant":
                 out.append(f" {text}{eos}" if self.style == "vicuna" else f" {text} {eos}")
                 continue
-            body = (self.image if i == image_turn else "") + text
+            body = (self.image * int(image) if i == image_turn else "") + text
             if i == 0:
                 opening = self.head
                 if chat.system is not None and self.style == "vicuna":
@@ -154,27 +159,44 @@ class PromptEncoder:
     def encode(self, prompt: str | Chat, *, image: bool = True) -> tuple[list[int], list[int]]:
         """Token ids before and after the image slot; with `image=False`, (all the ids, []).
 
-        prompt: the user's text (no image placeholder), or a Chat of several turns and/or a system text."""
+        prompt: the user's text (no marker, or one `<image>` marker where the image goes), or a Chat of several
+        turns and/or a system text."""
+        slots = self.encode_slots(prompt, int(bool(image)))
+        return (slots[0], slots[1]) if image else (slots[0], [])
+
+    def encode_slots(self, prompt: str | Chat, images: int) -> list[list[int]]:
+        """`images` + 1 id lists: the ids before the first image's slot, between the slots, and after the last.
+
+        Markers: none -> the images fill the template's image slot in order; exactly `images` `<image>` markers ->
+        they replace it; any other count is a PromptError."""
+        ph = self.spec.image_placeholder
         chat = prompt if isinstance(prompt, Chat) else None
+        texts = [prompt] if chat is None else [t for _, t in chat.turns] + [chat.system or ""]
+        markers = sum(t.count(ph) for t in texts if isinstance(t, str))
+        if markers and markers != images:
+            raise PromptError(
+                f"the prompt holds {markers} {ph} marker{'s' * (markers != 1)} for {images} image"
+                f"{'s' * (images != 1)}; put one {ph} where each image goes, or none to have the images first"
+            )
+        in_slot = 0 if markers else images  # images the template's own slot holds
         if chat is None:
-            self._check_text(prompt, "prompt", image=image)
-            text = self.spec.template.replace("{prompt}", prompt)
-            if not image:
-                text = text.replace(self.format.image, "", 1)
+            self._check_text(prompt, "prompt", image=images > 0)
+            template = self.spec.template.replace(self.format.image, self.format.image * in_slot, 1)
+            text = template.replace("{prompt}", prompt)
         else:
             last = len(chat.turns) - 1
-            image_turn = (0 if chat.image_turn is None else chat.image_turn) if image else None
+            image_turn = (0 if chat.image_turn is None else chat.image_turn) if in_slot else None
             for i, (role, t) in enumerate(chat.turns):
                 # an earlier user turn may be only the image; the last one must ask something
-                self._check_text(t, f"chat turn {i} ({role})", image=image, empty_ok=i == image_turn and i != last)
+                self._check_text(t, f"chat turn {i} ({role})", image=images > 0, empty_ok=i == image_turn and i != last)
             if chat.system:
-                self._check_text(chat.system, "system", image=image, empty_ok=True)
-            text = self.format.render(chat, image=image, eos=self._eos_text)
+                self._check_text(chat.system, "system", image=images > 0, empty_ok=True)
+            text = self.format.render(chat, image=in_slot, eos=self._eos_text)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         slots = [i for i, t in enumerate(ids) if t == self.tokens.image]
-        if len(slots) != int(image):
+        if len(slots) != images:
             raise PromptError(
-                f"prompt produced {len(slots)} image slots, expected {int(image)}; remove special tokens from it"
+                f"prompt produced {len(slots)} image slots, expected {images}; remove special tokens from it"
             )
         if chat is not None:
             replies = sum(role == "assistant" for role, _ in chat.turns)
@@ -186,9 +208,8 @@ class PromptEncoder:
         if self.spec.add_bos:
             ids = [self.tokens.bos, *ids]
             slots = [s + 1 for s in slots]
-        if not image:
-            return ids, []
-        return ids[: slots[0]], ids[slots[0] + 1 :]
+        bounds = [-1, *slots, len(ids)]
+        return [ids[a + 1 : b] for a, b in zip(bounds, bounds[1:])]
 
     def _check_text(self, text: str, what: str, *, image: bool, empty_ok: bool = False) -> None:
         if not isinstance(text, str):
@@ -203,10 +224,6 @@ class PromptEncoder:
                 f"{what} holds a character that is not valid Unicode ({text[e.start]!r} at index {e.start}); "
                 "decode the text with errors='replace' or remove it"
             ) from None
-        if self.spec.image_placeholder in text:
-            raise PromptError(
-                f"{what} contains {self.spec.image_placeholder!r}; the image goes in by itself, remove it from the text"
-            )
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

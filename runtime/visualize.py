@@ -37,8 +37,9 @@ def _shade(img: np.ndarray, kept: np.ndarray, valid: np.ndarray, side: int, merg
     return out.astype(np.uint8)
 
 
-def render_kept(trace, spec: ImageProcessorSpec, result=None) -> Image.Image:
-    """trace: the runtime.pipeline.Trace that Pipeline.generate(..., trace=) filled. Returns an RGB image."""
+def render_kept(trace, spec: ImageProcessorSpec, result=None, image: int = 0) -> Image.Image:
+    """trace: the runtime.pipeline.Trace that Pipeline.generate(..., trace=) filled, or one of its `images` (then
+    `image` is its index, for the caption's counts). Returns an RGB image."""
     if trace.layout is None:
         raise ValueError("the trace holds no image stages (a text-only request); nothing to draw")
     layout, keep = trace.layout, trace.kept_indices
@@ -89,6 +90,7 @@ def render_kept(trace, spec: ImageProcessorSpec, result=None) -> Image.Image:
     line2 = ""
     if result is not None:
         b, v = result.budget, result.visual_tokens
+        v = v["images"][image] if "images" in v else v
         line2 = (
             f"{getattr(result, 'selector', 'hired')} {'auto ' if b.get('requested') == 'auto' else ''}"
             f"budget {b['rate']} alpha {b['alpha']} {b['distribution']}: total {b['total']}, "

@@ -489,8 +489,8 @@ def blank(text: str) -> bool:
 
 def prompt_verdict(prompt) -> set[str]:
     """The outcomes a prompt allows when the image is valid."""
-    if not isinstance(prompt, str) or blank(prompt) or "<image>" in prompt or len(prompt) >= LONG:
-        return {"PromptError"}
+    if not isinstance(prompt, str) or blank(prompt) or prompt.count("<image>") > 1 or len(prompt) >= LONG:
+        return {"PromptError"}  # one image: no <image> marker, or one marking where it goes
     if any("\ud800" <= ch <= "\udfff" for ch in prompt):
         return {"PromptError"}  # lone surrogates cannot be encoded as UTF-8
     if "＜image＞" in prompt:

@@ -230,6 +230,24 @@ def test_text_only_and_multi_turn_are_rendered_in_the_model_chat_format(client, 
     assert r.choices[0].message.content == want.text
 
 
+def test_several_image_parts_are_pipeline_generate_with_a_list_of_images(client, pipe, image):
+    """In one message or spread over two, the images go in order into the first image's turn, or replace the
+    text's <image> markers: Pipeline.generate([a, b], text)."""
+    second = png(300, 500, seed=3)
+    both = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                        {"type": "image_url", "image_url": {"url": data_url(second)}},
+                                        {"type": "text", "text": "What changed?"}]}  # fmt: skip
+    want = pipe.generate([image, second], "What changed?", budget=0.2, max_new_tokens=6)
+    r = client.chat.completions.create(model="tiny", messages=[both], max_tokens=6, extra_body={"hired": {"budget": 0.2}})
+    assert r.choices[0].message.content == want.text
+    assert r.model_extra["hired"]["visual_tokens"] == json.loads(json.dumps(want.to_dict()["visual_tokens"]))
+    assert r.usage.prompt_tokens == sum(map(len, pipe.prompt.encode_slots("What changed?", 2))) + want.visual_tokens["kept"]
+    marked = [user("Before: <image>", image), user("after: <image>. What changed?", second)]
+    want = pipe.generate([image, second], "Before: <image>\nafter: <image>. What changed?", max_new_tokens=6)
+    r = client.chat.completions.create(model="tiny", messages=marked, max_tokens=6)
+    assert r.choices[0].message.content == want.text
+
+
 def test_text_parts_are_joined_with_a_newline(client, pipe, image):
     msg = {"role": "user", "content": [{"type": "text", "text": "First line."},
                                        {"type": "image_url", "image_url": {"url": data_url(image)}},
@@ -293,9 +311,9 @@ def err_case(**changes):
     return build
 
 
-TWO_IMAGES = lambda img: [user("a", img), user("b", img)]  # noqa: E731
 ERRORS = [
-    ("second image", err_case(messages=TWO_IMAGES), 400, "messages.1.content"),
+    ("an <image> marker per image but one image", err_case(messages=lambda img: [user("<image> <image> a", img)]),
+     400, None),
     ("bad image bytes", err_case(messages=lambda img: [{"role": "user", "content": [
         {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]),
      400, None),  # fmt: skip

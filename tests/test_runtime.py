@@ -173,7 +173,7 @@ def test_the_context_limit_holds_for_every_integer_type(tiny_bundle, kind):
         ({"prompt": "   "}, PromptError, "prompt is empty"),
         ({"prompt": "\x00"}, PromptError, "prompt is empty"),
         ({"prompt": "\u200b\ufeff\u2060 \t"}, PromptError, "prompt is empty"),
-        ({"prompt": "look at <image> here"}, PromptError, "<image>"),
+        ({"prompt": "look at <image> here <image>"}, PromptError, "2 <image> markers for 1 image"),
         ({"budget": 0.0}, BudgetError, "rate"),
         ({"budget": 1.5}, BudgetError, "rate"),
         ({"alpha": -0.1}, BudgetError, "alpha"),

@@ -209,8 +209,9 @@ def create_app(load_backend, settings: Settings) -> FastAPI:
 
 
 def _start(job: Job, call: Call, images: ImagePolicy) -> None:
-    if call.image_url is not None:
-        job.image = images.fetch(call.image_url, "messages")
+    fetched = [images.fetch(url, "messages") for url in call.image_urls]
+    if fetched:  # one image as itself (exactly Pipeline.generate(image, text)), several as a list
+        job.image = fetched[0] if len(fetched) == 1 else fetched
     job.open()
     if not call.stream:
         while job.next_piece() is not None:

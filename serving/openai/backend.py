@@ -50,8 +50,8 @@ class LocalBackend:
 
         return cls(Pipeline.load(artifacts, provider=provider, threads=threads))
 
-    def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions, trace=None):
-        # one image + one user message: exactly Pipeline.generate(image, text), streamed
+    def open(self, image: bytes | list[bytes] | None, prompt: str | Chat, options: RequestOptions, trace=None):
+        # one image (or a list of several) + one user message: exactly Pipeline.generate(image, text), streamed
         return self.pipeline.stream(image, prompt, trace=trace, **_keywords(options))
 
     def check_ready(self) -> None:
@@ -82,7 +82,7 @@ class RemoteBackend:
         self.remote.check_ready()
 
     def open(self, image: bytes | None, prompt: str | Chat, options: RequestOptions, trace=None):
-        if image is None or isinstance(prompt, Chat):
+        if image is None or isinstance(image, list) or isinstance(prompt, Chat):
             raise PromptError(
                 f"the gateway to {self.address} takes one image and one user message (no system message, earlier "
                 "turns or text-only requests); run the server with --backend local for those"
@@ -103,7 +103,7 @@ class RemoteBackend:
 class Job:
     """One request on a backend. Not thread-safe: one worker thread at a time calls open/next_piece/close."""
 
-    def __init__(self, backend, image: bytes | None, prompt: str | Chat, options: RequestOptions,
+    def __init__(self, backend, image: bytes | list[bytes] | None, prompt: str | Chat, options: RequestOptions,
                  stop: tuple[str, ...] = ()):  # fmt: skip
         self.backend, self.image, self.prompt, self.options, self.stop = backend, image, prompt, options, stop
         self.stream: Iterator[str] | None = None  # a Pipeline TextStream (or any iterator returning the result)
@@ -206,17 +206,19 @@ class Job:
         if self.result is not None:
             return {k: int(self.result.visual_tokens[k]) for k in ("before", "kept")}
         trace = getattr(self, "trace", None)
-        if trace is not None and trace.order is not None:
-            return {"before": int(trace.layout.stock_tokens), "kept": int(trace.order.shape[0])}
+        if trace is not None and trace.images:  # one Trace per image once the images' spans are made
+            return {"before": sum(int(t.layout.stock_tokens) for t in trace.images),
+                    "kept": sum(int(t.order.shape[0]) for t in trace.images)}  # fmt: skip
         return {"before": 0, "kept": 0}
 
     def prompt_tokens(self) -> int:
         """Text tokens of the prompt + the visual tokens fed to the LLM."""
         try:
-            before, after = self.backend.prompt.encode(self.prompt, image=self.image is not None)
+            images = 0 if self.image is None else len(self.image) if isinstance(self.image, list) else 1
+            segments = self.backend.prompt.encode_slots(self.prompt, images)
         except HiredError:
             return 0
-        return len(before) + len(after) + self.visual_tokens()["kept"]
+        return sum(len(ids) for ids in segments) + self.visual_tokens()["kept"]
 
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens(), self.completion_tokens()

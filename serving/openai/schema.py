@@ -179,9 +179,10 @@ def parse_request(body: bytes) -> ChatRequest:
 # ---- translation ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Call:
-    """What the runtime is asked: image source (a URL string, or None), prompt (str or Chat) and options."""
+    """What the runtime is asked: image sources (URL strings, in order; none for text only), prompt (str or Chat)
+    and options."""
 
-    image_url: str | None
+    image_urls: tuple[str, ...]
     prompt: str | Chat
     options: RequestOptions
     stop: tuple[str, ...]
@@ -190,12 +191,13 @@ class Call:
 
 
 def to_call(req: ChatRequest, hired_defaults: dict[str, Any] | None = None) -> Call:
-    """The runtime call of a request. The text parts of a message are joined with a newline in order; the one image
-    (LLaVA-NeXT: one per request) fills its turn's image slot; one user message without a system message is the
-    plain `Pipeline.generate(image, text)` prompt."""
+    """The runtime call of a request. The text parts of a message are joined with a newline in order; the images
+    (one or several, in message order) fill the image slot of the first image's turn, or replace the text's
+    `<image>` markers when there is one per image; one user message without a system message is the plain
+    `Pipeline.generate(images, text)` prompt."""
     system: list[str] = []
     turns: list[tuple[str, str]] = []
-    image_url, image_turn = None, None
+    image_urls, image_turn = [], None
     for i, msg in enumerate(req.messages):
         where = f"messages.{i}"
         role = "system" if msg.role == "developer" else msg.role
@@ -204,15 +206,10 @@ def to_call(req: ChatRequest, hired_defaults: dict[str, Any] | None = None) -> C
                 f"{where}.role {msg.role!r} is not supported; use system, user or assistant",
                 param=f"{where}.role",
             )
-        texts, url = _content(msg.content, where, role)
-        if url is not None:
-            if image_url is not None:
-                raise bad_request(
-                    "only one image per request is supported (LLaVA-NeXT takes one image); send the second image "
-                    "in another request",
-                    param=f"{where}.content",
-                )
-            image_url, image_turn = url, len(turns)
+        texts, urls = _content(msg.content, where, role)
+        if urls and not image_urls:
+            image_turn = len(turns) if not (turns and turns[-1][0] == role) else len(turns) - 1
+        image_urls += urls
         text = "\n".join(texts)
         if role == "system":
             if turns:
@@ -236,7 +233,7 @@ def to_call(req: ChatRequest, hired_defaults: dict[str, Any] | None = None) -> C
         except HiredError as e:
             raise bad_request(str(e), param="messages") from None
     return Call(
-        image_url=image_url,
+        image_urls=tuple(image_urls),
         prompt=prompt,
         options=options_of(req, hired_defaults),
         stop=_stops(req.stop),
@@ -292,15 +289,15 @@ def _param_of(message: str, hired: dict) -> str | None:
     return None
 
 
-def _content(content, where: str, role: str) -> tuple[list[str], str | None]:
-    """(text parts, image URL or None) of one message's content."""
+def _content(content, where: str, role: str) -> tuple[list[str], list[str]]:
+    """(text parts, image URLs in order) of one message's content."""
     if content is None:
         if role == "assistant":
-            return [""], None
+            return [""], []
         raise bad_request(f"{where}.content is missing", param=f"{where}.content")
     if isinstance(content, str):
-        return [content], None
-    texts, url = [], None
+        return [content], []
+    texts, urls = [], []
     for j, part in enumerate(content):
         at = f"{where}.content.{j}"
         kind = part.get("type")
@@ -310,13 +307,7 @@ def _content(content, where: str, role: str) -> tuple[list[str], str | None]:
             elif kind == "image_url":
                 if role != "user":
                     raise bad_request(f"{at}: images go in user messages only", param=at)
-                if url is not None:
-                    raise bad_request(
-                        "only one image per request is supported (LLaVA-NeXT takes one image); send the second "
-                        "image in another request",
-                        param=at,
-                    )
-                url = ImagePart.model_validate(part).image_url.url
+                urls.append(ImagePart.model_validate(part).image_url.url)
             else:
                 raise bad_request(
                     f"{at}.type {kind!r} is not supported; use 'text' or 'image_url'", param=f"{at}.type"
@@ -325,7 +316,7 @@ def _content(content, where: str, role: str) -> tuple[list[str], str | None]:
             err = e.errors()[0]
             loc = ".".join([at, *(str(p) for p in err["loc"])])
             raise bad_request(f"{loc}: {err['msg']}", param=loc) from None
-    return texts, url
+    return texts, urls
 
 
 def _stops(stop) -> tuple[str, ...]:
