@@ -33,11 +33,16 @@ $(STAMP): pyproject.toml constraints.txt
 checkpoints/tiny/config.json: | $(STAMP)
 	$(PYTHON) -m models.build tiny --out checkpoints/tiny --force
 
+checkpoints/tiny-llava15/config.json: | $(STAMP)
+	$(PYTHON) -m models.build tiny-llava15 --out checkpoints/tiny-llava15 --force
+
 # `make export MODEL=llava-next-7b [RANDOM_WEIGHTS=1] [QUANT=int4|int8] [EXPORT_FLAGS="--dtype fp16 --opset 18"]`;
-# QUANT writes artifacts/<model>-<quant> (decoder weights as MatMulNBits, vision and projector float); MODEL=tiny builds
-# checkpoints/tiny first. python -m export chooses the in-memory or the streaming route itself and prints which.
-export: $(STAMP) $(if $(filter tiny,$(MODEL)),checkpoints/tiny/config.json)
-	$(PYTHON) -m export --model $(if $(filter tiny,$(MODEL)),checkpoints/tiny,$(MODEL)) --out $(OUT) --force --verify $(EXPORT_FLAGS)
+# QUANT writes artifacts/<model>-<quant> (decoder weights as MatMulNBits, vision and projector float); MODEL=tiny (or
+# tiny-llava15) builds checkpoints/<name> first. python -m export chooses the in-memory or the streaming route
+# itself and prints which.
+BUILT   := $(filter tiny tiny-llava15,$(MODEL))
+export: $(STAMP) $(if $(BUILT),checkpoints/$(BUILT)/config.json)
+	$(PYTHON) -m export --model $(if $(BUILT),checkpoints/$(BUILT),$(MODEL)) --out $(OUT) --force --verify $(EXPORT_FLAGS)
 
 artifacts/tiny/manifest.json: | checkpoints/tiny/config.json
 	$(PYTHON) -m export --model checkpoints/tiny --out artifacts/tiny --force --verify
