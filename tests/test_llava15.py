@@ -167,3 +167,24 @@ def test_llava15_7b_random_weights_takes_the_streaming_route(tmp_path, monkeypat
         export_model("llava-1.5-7b", tmp_path / "out", random_weights=True, log=lines.append)
     assert lines[0].startswith("streaming route") and "dtype fp16 (the route's default)" in lines[0]
     assert written == {"model": "llava-1.5-7b", "dtype": "fp16"}
+
+
+def test_two_images_at_budget_one_equal_transformers_llava(llava15_pipe, hf15):
+    """Several images on LLaVA-1.5: each its own 336 px centre crop and 576-token span, in prompt order."""
+    import torch
+
+    model, processor = hf15
+    images = [scene(1300, 380, seed=4), scene(450, 1000, seed=5)]
+    prompt = "<image> <image> What changed?"
+    trace = Trace()
+    r = llava15_pipe.generate(images, prompt, budget=1.0, max_new_tokens=NEW, trace=trace)
+    text = llava15_pipe.manifest.prompt.template.replace("<image>\n", "").replace("{prompt}", prompt)
+    inputs = processor(images=images, text=text, return_tensors="pt")
+    for i, one in enumerate(trace.images):
+        np.testing.assert_allclose(one.pixel_values, inputs["pixel_values"][i : i + 1].numpy(), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+    assert list(r.token_ids) == out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert r.visual_tokens["images"] == ({"before": 576, "kept": 576},) * 2
+    small = llava15_pipe.generate(images, prompt, budget=0.2, max_new_tokens=1)
+    assert tuple(small.visual_tokens["per_image"]) == (115, 115) and small.budget["total"] == 230
