@@ -529,6 +529,15 @@ def test_a_client_leaving_mid_stream_frees_its_slot(gated):
         assert r.choices[0].message.content == backend.result.text
 
 
+def test_a_client_leaving_a_non_streamed_request_frees_its_slot(gated):
+    server, backend = gated
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while the backend still generates
+        httpx.post(f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                   timeout=httpx.Timeout(10, read=1.0))  # fmt: skip
+    assert backend.closed.acquire(timeout=10), "the backend stream was not closed"
+    assert wait_for(lambda: server.health()["running"] == 0)
+
+
 def test_a_client_leaving_a_pipeline_stream_ends_the_pipeline_request(pipe, image):
     server = LiveServer(create_app(lambda: Borrowed(pipe), Settings(max_concurrency=1, max_queue=0)))
     try:

@@ -194,7 +194,12 @@ def create_app(load_backend, settings: Settings) -> FastAPI:
         try:
             # one worker hop: the image fetched and decoded, the request checked and prepared (bad input fails
             # here, before any header goes out) and, unless streamed, the whole answer
-            await _run(state, _start, job, call, settings.images)
+            watcher = None if call.stream else asyncio.create_task(_cancel_if_gone(request, job))
+            try:
+                await _run(state, _start, job, call, settings.images)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
             if call.stream:
                 response = _JobStream(state, job, _sse(state, job, call, t0))
                 job = None  # the response owns it now (and frees the slot however it ends)
@@ -206,6 +211,13 @@ def create_app(load_backend, settings: Settings) -> FastAPI:
                 await _finish(state, job)
 
     return app
+
+
+async def _cancel_if_gone(request: Request, job: Job, every_s: float = 0.1) -> None:
+    """A non-streamed request whose client went away stops at its next token (its slot frees at once)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    job.cancel.set()
 
 
 def _start(job: Job, call: Call, images: ImagePolicy) -> None:
