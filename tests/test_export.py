@@ -310,7 +310,7 @@ def test_folder_that_is_not_llava_next_is_refused(capsys, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
     code, err = run_main(capsys, "--model", str(folder), "--out", str(tmp_path / "out"))
-    assert code == 2 and "is not a LLaVA-NeXT checkpoint" in err and "'bert'" in err
+    assert code == 2 and "is not a LLaVA-NeXT or LLaVA-1.5 checkpoint" in err and "'bert'" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
