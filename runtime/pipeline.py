@@ -221,8 +221,9 @@ class Pipeline:
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(self, image, prompt: str | Chat, *, trace: Trace | None = None, **options) -> GenerationResult:
-        """image: path, bytes, PIL image, uint8 array HxW/HxWx3/HxWx4, or None (text only: the prompt template
-        without its image slot, no visual tokens). prompt: the user's text, or a runtime.prompt.Chat of turns.
+        """image: path, bytes, PIL image, uint8 array HxW/HxWx3/HxWx4, a list of them (several images: none or one
+        `<image>` marker per image in the prompt), or None (text only: the prompt template without its image slot, no
+        visual tokens). prompt: the user's text, or a runtime.prompt.Chat of turns.
 
         options: runtime.options.RequestOptions' fields (budget, alpha, distribution, newlines, max_new_tokens,
         min_new_tokens, temperature, top_p, seed, color); None HiRED options take the manifest's defaults.
