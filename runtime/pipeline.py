@@ -56,7 +56,7 @@ from runtime.prompt import Chat, PromptEncoder
 from runtime.quant import check_method, check_onnxruntime
 from runtime.selection import projector_rows, select_stage
 from runtime.stream import CLOSED, TextStream, _ReleaseOnce
-from runtime.visual import ImagePart, budget_total, image_list, splice, visual_tokens
+from runtime.visual import ImagePart, budget_total, fill_trace, image_list, splice, visual_tokens
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_CLOSE_TIMEOUT_S = 30.0
@@ -432,10 +432,7 @@ class Pipeline:
             part.visual = self._project(req, rows, part.order)
             tm["projector"] = tm.get("projector", 0.0) + time.perf_counter() - t
         if trace is not None:
-            trace.images = [_image_trace(part) for part in req.parts]
-            if len(req.parts) == 1:  # one image: its fields at the top level, as before several images existed
-                for name in _IMAGE_FIELDS:
-                    setattr(trace, name, getattr(trace.images[0], name))
+            fill_trace(trace, req.parts)
         embeds = self._splice(req)
         if trace is not None:
             trace.inputs_embeds = embeds
@@ -469,18 +466,6 @@ def _after_prefill(gen: Generation, req: _Request) -> Iterator[int]:
             req.trace.prefill_logits = gen.prefill_logits
         first = False
         yield token
-
-
-_IMAGE_FIELDS = ("pixel_values", "early_scores", "late_scores", "features", "groups", "kept_indices", "layout", "plan",
-                 "order")  # fmt: skip
-
-
-def _image_trace(part: ImagePart) -> Trace:
-    """The per-image fields of a Trace for one input image."""
-    sel = part.selection
-    return Trace(pixel_values=part.pre.pixel_values, early_scores=part.early, late_scores=part.late,
-                 features=part.feats, groups=sel.groups, kept_indices=sel.keep, layout=part.layout, plan=sel.plan,
-                 order=part.order)  # fmt: skip
 
 
 def _load_npy(manifest: Manifest, name: str, shape: tuple[int, ...]) -> np.ndarray:

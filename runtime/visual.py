@@ -73,9 +73,27 @@ def visual_tokens(parts: list[ImagePart]) -> dict:
     return out
 
 
+IMAGE_FIELDS = ("pixel_values", "early_scores", "late_scores", "features", "groups", "kept_indices", "layout", "plan",
+                "order")  # the per-image fields of runtime.pipeline.Trace
+
+
+def fill_trace(trace, parts: list[ImagePart]) -> None:
+    """Fill a runtime.pipeline.Trace: `images` gets one Trace per image; with one image its fields are also the
+    trace's own (as before several images existed)."""
+    trace.images = [
+        type(trace)(pixel_values=p.pre.pixel_values, early_scores=p.early, late_scores=p.late, features=p.feats,
+                    groups=p.selection.groups, kept_indices=p.selection.keep, layout=p.layout, plan=p.selection.plan,
+                    order=p.order)  # fmt: skip
+        for p in parts
+    ]
+    if len(parts) == 1:
+        for name in IMAGE_FIELDS:
+            setattr(trace, name, getattr(trace.images[0], name))
+
+
 def budget_total(parts: list[ImagePart]) -> int:
     """T summed over the images (each image's T = int(n * 576 * rate))."""
     return sum(int(p.selection.plan.total) for p in parts)
 
 
-__all__ = ["ImagePart", "budget_total", "image_list", "splice", "visual_tokens"]
+__all__ = ["IMAGE_FIELDS", "ImagePart", "budget_total", "fill_trace", "image_list", "splice", "visual_tokens"]
