@@ -188,3 +188,20 @@ def test_two_images_at_budget_one_equal_transformers_llava(llava15_pipe, hf15):
     assert r.visual_tokens["images"] == ({"before": 576, "kept": 576},) * 2
     small = llava15_pipe.generate(images, prompt, budget=0.2, max_new_tokens=1)
     assert tuple(small.visual_tokens["per_image"]) == (115, 115) and small.budget["total"] == 230
+
+
+@pytest.mark.slow
+def test_a_streamed_llava15_bundle_equals_its_torch_twin(tmp_path, monkeypatch):
+    """The streaming route on a LLaVA-1.5 config (no image_newline parameter: the bundle's is zeros)."""
+    from export.pipeline import export_model
+    from export.reference import HiredReference
+
+    monkeypatch.setattr("export.meta.needs_streaming", lambda config, ram_bytes=None: True)
+    out = export_model("tiny-llava15", tmp_path / "b", random_weights=True, dtype="fp32", verify=True,
+                       log=lambda _m: None)  # fmt: skip
+    img = scene(1300, 380)
+    ref = HiredReference.random("tiny-llava15").run(img, PROMPT, rate=0.2, max_new_tokens=NEW)
+    with Pipeline.load(out) as p:
+        r = p.generate(img, PROMPT, budget=0.2, max_new_tokens=NEW)
+        assert not np.load(p.manifest.path("image_newline")).any()
+    assert list(r.token_ids) == list(ref.token_ids) and tuple(r.visual_tokens["per_image"]) == (115,)
