@@ -59,7 +59,7 @@ test: $(STAMP)
 
 # the inner loop: everything but the `slow` tests (soak, generated fuzz groups, export kills, live servers)
 test-fast: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/pytest -q -m "not slow"
+	$(BIN)/ruff check . && HIRED_TEST_CACHE=.test-cache $(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PYTHON) -m bench
@@ -96,4 +96,4 @@ openai: $(STAMP) $(if $(filter artifacts/tiny,$(ARTIFACTS)),artifacts/tiny/manif
 	$(PYTHON) -m serving.openai --artifacts $(ARTIFACTS) --port $(PORT) $(OPENAI_FLAGS)
 
 clean:
-	rm -rf checkpoints artifacts bench-results out triton-repo .pytest_cache .hypothesis
+	rm -rf checkpoints artifacts bench-results out triton-repo .pytest_cache .hypothesis .test-cache

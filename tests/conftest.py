@@ -9,32 +9,80 @@ Helpers the tests share (images, memory and descriptor counts, a request pool) l
 
 Both live in pytest's session temp folder. Set HIRED_TINY_BUNDLE to an existing bundle folder to reuse it
 (it must come from the tiny checkpoint with seed 0, e.g. `make export MODEL=tiny` -> artifacts/tiny).
+`make test-fast` sets HIRED_TEST_CACHE=.test-cache: the checkpoint and bundle are then built once per version
+of the code that makes them (a hash of models/, export/ and runtime/ sources) and reused by later runs;
+`make test` (CI) always builds them fresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+CACHED_FROM = ("models", "export", "runtime", "hired")  # the code that builds and checks the tiny fixtures
+
+
+def _cache_folder() -> Path | None:
+    """HIRED_TEST_CACHE/<hash of the sources that build the fixtures>, or None when no cache is asked for."""
+    root = os.environ.get("HIRED_TEST_CACHE")
+    if not root:
+        return None
+    digest = hashlib.sha256()
+    for pkg in CACHED_FROM:
+        for path in sorted((ROOT / pkg).rglob("*")):
+            if path.suffix in (".py", ".json") and path.is_file():
+                digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return Path(root).resolve() / digest.hexdigest()[:16]
+
+
+def _cached(name: str, build) -> Path:
+    """`build(folder)` into the cache once (atomically: a killed build leaves no half folder), else reuse."""
+    folder = _cache_folder() / name
+    if not folder.is_dir():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+        build(tmp / name)
+        try:
+            os.replace(tmp / name, folder)
+        except OSError:  # another run got there first
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _build_checkpoint(out: Path) -> Path:
+    from models.build import build_checkpoint
+
+    return build_checkpoint("tiny", out, seed=0, log=None)
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from models.build import build_checkpoint
-
-    return build_checkpoint("tiny", tmp_path_factory.mktemp("checkpoints") / "tiny", seed=0, log=None)
+    if _cache_folder() is not None:
+        return _cached("checkpoint-tiny", _build_checkpoint)
+    return _build_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny")
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+def tiny_bundle(request, tmp_path_factory) -> Path:
     reuse = os.environ.get("HIRED_TINY_BUNDLE")
     if reuse:
         return Path(reuse)
+    checkpoint = request.getfixturevalue("tiny_checkpoint")  # only when no bundle is given to reuse
     from export.pipeline import export_model
 
-    out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    return export_model(tiny_checkpoint, out, force=True, verify=False, log=lambda _msg: None)
+    def build(out: Path) -> Path:
+        return export_model(checkpoint, out, force=True, verify=False, log=lambda _msg: None)
+
+    if _cache_folder() is not None:
+        return _cached("bundle-tiny", build)
+    return build(tmp_path_factory.mktemp("artifacts") / "tiny")
 
 
 @pytest.fixture(scope="module")
