@@ -146,8 +146,10 @@ def test_visionzip_groups_partition_the_tokens_not_kept_as_dominant():
 
 def test_contextual_groups_join_the_most_similar_target():
     feats = np.array([[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9], [1, 0.05]], dtype=np.float32)
-    labels = contextual_groups(feats, 2)  # targets: tokens 0 and 2 (step 5 // 2 = 2)
+    labels = contextual_groups(feats, np.arange(5), 2)  # targets: tokens 0 and 2 (step 5 // 2 = 2)
     assert labels.tolist() == [0, 1, 1, 1, 0]
+    rest = np.array([0, 1, 4])  # targets among the rest: tokens 0 and 1 (step 3 // 2 = 1)
+    assert contextual_groups(feats, rest, 2).tolist() == [0, 1, 0]
 
 
 def test_valid_candidates_counts_base_and_unpadded_crop_tokens():
