@@ -6,18 +6,20 @@ Writes, from the bundle (checked against its manifest first):
     vision/     backend onnxruntime; the crop axis is Triton's batch dim, so dynamic batching merges the crops
                 of concurrent requests (TensorRT FP16 accelerator)
     projector/  backend onnxruntime; kept tokens only (TensorRT FP16 accelerator)
-    decoder/    backend onnxruntime; prefill and every decode step with the KV cache; no batching (each
-                request's cache has its own length); CUDA EP by default, --decoder-accelerator tensorrt to try TRT
-    hired/      backend python, the entry point: preprocessing + HiRED selection + the decode loop
-                (runtime.Pipeline with its graphs swapped for BLS calls to the three models above);
+    hired/      backend python, the entry point: preprocessing + HiRED selection + the generate loop
+                (runtime.Pipeline with vision/projector swapped for BLS calls to the models above);
                 serving.protocol's tensors, as `python -m serving`, so RemotePipeline works against it unchanged;
-                the project modules it imports (hired/, runtime/, serving.protocol) are copied beside it
+                the project modules it imports (hired/, runtime/, serving.protocol) are copied beside it, the
+                decoder graph into hired/1/bundle/: the BLS runs it in its own onnxruntime session (CUDA EP,
+                --decoder-accelerator tensorrt, cpu in the stand-in), KV cache bound in place. No separate
+                decoder model: per-step calls would carry the cache through Triton at every token.
 Each model is `<name>/config.pbtxt` + `<name>/1/...`; the graphs become `<name>/1/model.onnx` (hard links by
 default, so a 14 GB decoder is not copied; --files copy for another filesystem, symlink for local use only:
-links out of the folder break inside `docker -v`). Ensembles cannot loop, hence the Python (BLS) model.
+links out of the folder break inside `docker -v`; the decoder is copied then). Ensembles cannot loop, hence
+the Python (BLS) model.
 The graphs' tensors are read with the `onnx` package (structure only, no weights; the `export` extra has it).
 
-`--stand-in` writes `vision`, `projector` and `decoder` as Python-backend models running onnxruntime on CPU
+`--stand-in` writes `vision` and `projector` as Python-backend models running onnxruntime on CPU
 instead, for tritonservers with the Python backend only (PyTriton's bundled one): the same wiring, testable
 without NVIDIA's container. It prints the `docker run` line that serves the repository.
 """
@@ -43,8 +45,8 @@ from serving.protocol import OUTPUTS as WIRE_OUTPUTS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "triton_templates"
-GRAPHS = ("vision", "projector", "decoder")
-LOCAL_FILES = ("embed_tokens", "image_newline", "tokenizer")  # what the hired model reads itself
+GRAPHS = ("vision", "projector")  # Triton graph models; the decoder runs inside the hired model
+LOCAL_FILES = ("decoder", "embed_tokens", "image_newline", "tokenizer")  # what the hired model reads itself
 ENTRY_POINT = TEMPLATES / "hired_model.py"
 DEFAULT_TRITON_TAG = "25.12"
 # ONNX TensorProto element types -> (Triton config type, numpy dtype name)
@@ -66,8 +68,8 @@ REQUIREMENTS = """\
 #   pip install -r /models/hired/requirements.txt
 tokenizers>=0.15
 pillow>=10
-# imported by runtime.session at import time; the graphs themselves run in Triton's onnxruntime backend
-onnxruntime>=1.17
+# the decoder runs in the hired model's own onnxruntime session: onnxruntime-gpu on a GPU Triton
+{onnxruntime}>={min_onnxruntime}
 """
 
 
@@ -94,7 +96,7 @@ class RepoOptions:
     vision_max_batch: int | None = None  # crops per vision batch; default 4 requests' worth
     precision: str = "FP16"
     workspace_bytes: int = 1 << 30
-    decoder_accelerator: str = "cuda"  # "cuda" (no accelerator block) or "tensorrt"
+    decoder_accelerator: str = "cuda"  # provider of the hired model's decoder session: "cuda" or "tensorrt"
     files: str = "hardlink"  # hardlink | copy | symlink
     stand_in: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -206,8 +208,8 @@ def onnx_model_config(
 def hired_model_config(opts: RepoOptions) -> str:
     """config.pbtxt of the entry point: serving.protocol's tensors, dynamic batching of whole requests."""
     text = (
-        "# HiRED LLaVA-NeXT entry point (Python backend, BLS to vision/projector/decoder); the tensors of\n"
-        "# `python -m serving`. Requests batch only with equal image shapes; each is its own generate().\n"
+        "# HiRED LLaVA-NeXT entry point (Python backend, BLS to vision/projector; the decoder in its own\n"
+        "# onnxruntime session); the tensors of `python -m serving`. Each request is its own generate().\n"
         f'name: "{MODEL_NAME}"\nbackend: "python"\nmax_batch_size: {opts.max_batch}\n'
     )
     text += render_tensors("input", [(s.name, WIRE_TYPES[s.dtype], s.dims, s.optional) for s in WIRE_INPUTS])
@@ -215,6 +217,8 @@ def hired_model_config(opts: RepoOptions) -> str:
     text += f"instance_group [ {{ count: {opts.hired_instances} kind: KIND_CPU }} ]\n"
     text += f"dynamic_batching {{ max_queue_delay_microseconds: {opts.queue_delay_us} }}\n"
     text += f'parameters {{ key: "max_pixels" value: {{ string_value: "{opts.max_pixels}" }} }}\n'
+    provider = "cpu" if opts.stand_in else opts.decoder_accelerator
+    text += f'parameters {{ key: "decoder_provider" value: {{ string_value: "{provider}" }} }}\n'
     return text
 
 
@@ -309,7 +313,7 @@ def write_repo(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log(
-        f"wrote {out}: models {', '.join([*GRAPHS, MODEL_NAME])}"
+        f"wrote {out}: models {', '.join([*GRAPHS, MODEL_NAME])} (the decoder inside {MODEL_NAME})"
         + (" (stand-in graphs)" if opts.stand_in else "")
     )
     return out
@@ -333,19 +337,12 @@ def _write(manifest: Manifest, stage: Path, opts: RepoOptions, log: Callable[[st
             raise RepoError(
                 f"--vision-max-batch {max_batch} is under the {n_images} images one request can send"
             )
-        accelerator = opts.decoder_accelerator if name == "decoder" else "tensorrt"
         note = {
             "vision": f"vision tower (features + CLS attention); batch dim = images (crops), <= {n_images} a request",
             "projector": "projector on the kept visual tokens only (k varies per request: no batching)",
-            "decoder": "LLM decoder: prefill and decode steps with the KV cache; past lengths differ: no batching"
-            + (
-                ""
-                if accelerator == "tensorrt"
-                else ". CUDA EP: TensorRT would rebuild engines as the cache grows"
-            ),
         }[name]
         config = onnx_model_config(
-            name, inputs, outputs, max_batch_size=max_batch, opts=opts, accelerator=accelerator, note=note
+            name, inputs, outputs, max_batch_size=max_batch, opts=opts, accelerator="tensorrt", note=note
         )
         (stage / name / "config.pbtxt").write_text(config)
         wiring[name] = {"model": name, "input_dtypes": {t.name: t.numpy_dtype for t in inputs}}
@@ -361,12 +358,20 @@ def _write(manifest: Manifest, stage: Path, opts: RepoOptions, log: Callable[[st
     bundle = version / "bundle"
     bundle.mkdir()
     shutil.copy2(manifest.root / "manifest.json", bundle / "manifest.json")
+    how = "copy" if opts.files == "symlink" else opts.files  # the BLS refuses files that resolve outside it
     for name in LOCAL_FILES:
-        rel = manifest.files[name]
-        place_file(manifest.path(name), bundle / rel, "copy" if opts.files == "symlink" else opts.files)
+        src = manifest.path(name)
+        place_file(src, bundle / manifest.files[name], how)
+        if name == "decoder":
+            for rel in external_data_files(src):
+                place_file(src.parent / rel, bundle / rel, how)
     (version / "graphs.json").write_text(json.dumps(wiring, indent=2) + "\n")
     (stage / MODEL_NAME / "config.pbtxt").write_text(hired_model_config(opts))
-    (stage / MODEL_NAME / "requirements.txt").write_text(REQUIREMENTS)
+    min_ort = manifest.export_info.get("min_onnxruntime") if isinstance(manifest.export_info, dict) else None
+    ort_package = "onnxruntime" if opts.stand_in else "onnxruntime-gpu"
+    (stage / MODEL_NAME / "requirements.txt").write_text(
+        REQUIREMENTS.format(onnxruntime=ort_package, min_onnxruntime=min_ort or "1.17")
+    )
     (stage / "README.md").write_text(readme(manifest, opts))
 
 
@@ -397,11 +402,11 @@ def readme(manifest: Manifest, opts: RepoOptions) -> str:
     graphs = "CPU stand-ins in the Python backend" if opts.stand_in else "onnxruntime backend"
     return f"""# Triton model repository for {manifest.model.name} (HiRED LLaVA-NeXT)
 
-Written by `python -m serving.triton_repo`. Models: `vision`, `projector`, `decoder` ({graphs}) and
-`{MODEL_NAME}` (Python backend, the entry point: preprocessing, HiRED selection and the decode loop through
-BLS calls).
+Written by `python -m serving.triton_repo`. Models: `vision`, `projector` ({graphs}) and `{MODEL_NAME}`
+(Python backend, the entry point: preprocessing, HiRED selection through BLS calls, and the generate loop with
+the decoder in its own onnxruntime session, `{MODEL_NAME}/1/bundle/`, the KV cache bound in place).
 
-Serve it (the `{MODEL_NAME}` model needs tokenizers and pillow in the container's Python):
+Serve it (the `{MODEL_NAME}` model needs tokenizers, pillow and onnxruntime-gpu in the container's Python):
 
     {docker_command(Path("$PWD/<this folder>"))}
 
@@ -413,7 +418,9 @@ Then, from any machine with `pip install tritonclient[grpc]` and this project's 
 The graphs were exported at ONNX opset {opset}: the container's onnxruntime backend must support it (opset 23
 needs onnxruntime >= 1.23; each Triton container release names the onnxruntime it ships), or
 re-export with `python -m export --opset 18`. Give the container a large /dev/shm (`--shm-size=1g` or
-`--ipc=host`): Python-backend tensors (images, the KV cache at every step) pass through it.
+`--ipc=host`): Python-backend tensors (images, vision features) pass through it. onnxruntime's TensorRT
+provider has no kernels for GroupQueryAttention or MatMulNBits: with `--decoder-accelerator tensorrt` those
+nodes run on the CUDA provider.
 """
 
 
@@ -435,15 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the graphs get into REPO (default hardlink; copy across filesystems)",
     )
     p.add_argument("--max-batch", type=int, default=8, help="hired: dynamic batch of requests (default 8)")
-    p.add_argument(
-        "--queue-delay-us", type=int, default=1000, help="dynamic batching queue delay (default 1000)"
-    )
-    p.add_argument(
-        "--hired-instances", type=int, default=2, help="Python-backend instances of hired (default 2)"
-    )
-    p.add_argument(
-        "--gpu-instances", type=int, default=1, help="instances of each graph model per GPU (default 1)"
-    )
+    p.add_argument("--queue-delay-us", type=int, default=1000, help="dynamic batching queue delay (default 1000)")
+    p.add_argument("--hired-instances", type=int, default=2,
+                   help="Python-backend instances of hired, each with its own decoder session (default 2)")
+    p.add_argument("--gpu-instances", type=int, default=1, help="instances of each graph model per GPU (default 1)")
     p.add_argument(
         "--vision-max-batch", type=int, help="images per vision batch (default: 4 requests' worth)"
     )
@@ -454,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoder-accelerator",
         choices=("cuda", "tensorrt"),
         default="cuda",
-        help="decoder on the CUDA EP (default) or TensorRT (engines rebuild as the KV cache grows)",
+        help="provider of the decoder session inside hired: cuda (default) or tensorrt (GroupQueryAttention and "
+        "MatMulNBits still run on CUDA)",
     )
     p.add_argument(
         "--max-pixels",

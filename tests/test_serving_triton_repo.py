@@ -1,7 +1,7 @@
 """serving.triton_repo: every config.pbtxt is a valid Triton ModelConfig whose tensors match the tiny bundle's ONNX
-graphs; the entry point speaks serving.protocol's tensors and carries every project module it imports; and the
-repository, with CPU stand-ins for the onnxruntime backend, really serves the local Pipeline's tokens on PyTriton's
-bundled tritonserver (a `slow` test)."""
+graphs; the entry point speaks serving.protocol's tensors, carries every project module it imports and the decoder
+graph it runs itself; and the repository, with CPU stand-ins for the onnxruntime backend, really serves the local
+Pipeline's tokens on PyTriton's bundled tritonserver, its decoder on the shared-buffer KV cache (a `slow` test)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from serving.protocol import INPUTS, OUTPUTS
 from serving.triton_repo import RepoError, RepoOptions, code_modules, external_data_files, main, write_repo
 from tests.serving_helpers import ROOT, free_ports, serving_venv_or_skip
 
-GRAPHS = ("vision", "projector", "decoder")
+GRAPHS = ("vision", "projector")  # Triton graph models; the decoder runs inside `hired`
 TRITON_TYPE = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
@@ -84,8 +84,14 @@ def configs(repo) -> dict[str, model_config_pb2.ModelConfig]:
     return {d.name: load_config(d / "config.pbtxt") for d in sorted(repo.iterdir()) if d.is_dir()}
 
 
-def test_repository_holds_the_three_graphs_and_the_entry_point(configs):
-    assert sorted(configs) == ["decoder", "hired", "projector", "vision"]
+def test_repository_holds_two_graph_models_and_the_entry_point_with_the_decoder(configs, repo, tiny_bundle):
+    assert sorted(configs) == ["hired", "projector", "vision"]  # no per-step decoder model
+    params = {k: v.string_value for k, v in configs["hired"].parameters.items()}
+    assert params["decoder_provider"] == "cuda"  # the BLS's own decoder session, on the GPU
+    manifest = Manifest.from_file(tiny_bundle)
+    assert sha256_file(repo / "hired" / "1" / "bundle" / "decoder.onnx") == manifest.sha256["decoder"]
+    requirements = (repo / "hired" / "requirements.txt").read_text()
+    assert f"onnxruntime-gpu>={manifest.export_info['min_onnxruntime']}" in requirements
     for name, config in configs.items():
         assert config.name == name
         assert config.backend == ("python" if name == "hired" else "onnxruntime")
@@ -101,15 +107,14 @@ def test_graph_configs_match_the_onnx_graphs(name, configs, tiny_bundle):
     assert got_out == want_out
 
 
-def test_vision_batches_crops_while_projector_and_decoder_do_not(configs, tiny_bundle):
+def test_vision_batches_crops_while_the_projector_does_not(configs, tiny_bundle):
     manifest = Manifest.from_file(tiny_bundle)
     crop = manifest.image_processor.crop_size
     most_images = 1 + max((h // crop) * (w // crop) for h, w in manifest.image_processor.grid_pinpoints)
     assert configs["vision"].max_batch_size >= most_images  # one request's base image + crops fit a batch
     assert configs["vision"].HasField("dynamic_batching")
-    for name in ("projector", "decoder"):
-        assert configs[name].max_batch_size == 0
-        assert not configs[name].HasField("dynamic_batching")
+    assert configs["projector"].max_batch_size == 0
+    assert not configs["projector"].HasField("dynamic_batching")
 
 
 def _accelerators(config) -> list:
@@ -122,17 +127,16 @@ def test_tensorrt_fp16_accelerates_vision_and_projector(configs):
         assert trt.name == "tensorrt"
         assert trt.parameters["precision_mode"] == "FP16"
         assert int(trt.parameters["max_workspace_size_bytes"]) == 1 << 30
-    assert (
-        _accelerators(configs["decoder"]) == []
-    )  # CUDA EP by default: a growing KV cache would rebuild engines
 
 
-def test_decoder_can_opt_into_tensorrt(tiny_bundle, tmp_path):
-    out = write_repo(
-        tiny_bundle, tmp_path / "r", RepoOptions(decoder_accelerator="tensorrt"), log=lambda _: None
-    )
-    (trt,) = _accelerators(load_config(out / "decoder" / "config.pbtxt"))
-    assert trt.name == "tensorrt"
+def test_decoder_can_opt_into_tensorrt_and_the_stand_in_runs_it_on_cpu(tiny_bundle, tmp_path):
+    for opts, provider, package in ((RepoOptions(decoder_accelerator="tensorrt"), "tensorrt", "onnxruntime-gpu>="),
+                                    (RepoOptions(stand_in=True), "cpu", "onnxruntime>=")):  # fmt: skip
+        out = write_repo(tiny_bundle, tmp_path / provider, opts, log=lambda _: None)
+        params = load_config(out / "hired" / "config.pbtxt").parameters
+        assert params["decoder_provider"].string_value == provider
+        assert package in (out / "hired" / "requirements.txt").read_text()
+        assert not (out / "decoder").exists()
 
 
 def test_instances_run_graphs_on_gpu_and_the_entry_point_on_cpu(configs):
@@ -272,7 +276,10 @@ def test_stand_in_repository_serves_the_local_tokens(tiny_bundle, tmp_path):
             got = remote.generate(rgb, "What is in this picture?", budget=0.3, max_new_tokens=6)
             assert got.token_ids == want.token_ids and got.text == want.text
             assert dict(got.visual_tokens) == dict(want.visual_tokens)
-            assert got.provider == "triton"  # every graph ran as a Triton model through BLS
+            # vision and projector ran as Triton models through BLS, the decoder in the BLS's own session ...
+            assert got.provider == "CPUExecutionProvider,triton"
+            # ... with one KV buffer per request written in place (runtime.decoder's shared-buffer path)
+            assert "hired: decoder on CPUExecutionProvider, KV cache shared-buffer" in log_path.read_text()
             with pytest.raises(ImageError) as served:
                 remote.generate(b"\x89PNG but not really", "What is it?")
             with pytest.raises(ImageError) as local:
