@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--provider", choices=PROVIDERS, default="cpu",
                    help="execution provider; cuda/tensorrt fall back to CPU with a warning if unavailable")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="onnxruntime intra-op threads of each graph (default: onnxruntime's own, one per physical "
+                   "core)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse larger images (default {format_pixels(DEFAULT_MAX_PIXELS)})")
     p.add_argument("--json", action="store_true",
@@ -74,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-kept", metavar="OUT.png",
                    help=f"write the image with kept patches lit, dropped dimmed ({', '.join(PICTURE_FORMATS)})")
     return p  # fmt: skip
+
+
+def positive_int(text: str) -> int:
+    """--threads: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def budget(text: str) -> float | str:
@@ -150,7 +164,8 @@ def run(args: argparse.Namespace, options: RequestOptions, out):
     """Load, stream the answer to `out`, write the dump and the picture; returns the GenerationResult."""
     from runtime.pipeline import Pipeline, Trace  # after parsing, so --help is instant
 
-    with Pipeline.load(args.artifacts, provider=args.provider, max_pixels=args.max_pixels) as pipe:
+    load = {"provider": args.provider, "max_pixels": args.max_pixels, "threads": args.threads}
+    with Pipeline.load(args.artifacts, **load) as pipe:
         trace = Trace() if (args.dump or args.show_kept) else None
         images = args.image if len(args.image) > 1 else args.image[0]
         stream = pipe.stream(images, args.prompt, trace=trace, **options.to_dict())

@@ -87,6 +87,38 @@ def test_dump_into_an_existing_folder_keeps_the_file_names(tiny_bundle, image, t
     assert (tmp_path / "kept.JPG").read_bytes()[:2] == b"\xff\xd8"  # JPEG, by the extension
 
 
+@pytest.mark.parametrize("threads, want", [(["--threads", "1"], 1), ([], 0)])  # 0: onnxruntime's default
+def test_threads_reach_every_session(tiny_bundle, image, capsys, monkeypatch, threads, want):
+    from runtime.session import OrtSession
+
+    seen = {}
+    original = OrtSession.from_manifest.__func__
+
+    def recording(cls, manifest, name, *args, **kwargs):
+        s = original(cls, manifest, name, *args, **kwargs)
+        seen[name] = s.session.get_session_options().intra_op_num_threads
+        return s
+
+    monkeypatch.setattr(OrtSession, "from_manifest", classmethod(recording))
+    code, _, err = cli(capsys, "--artifacts", tiny_bundle, "--image", image, "--prompt", PROMPT, "--max-new-tokens", 1,
+                       *threads)  # fmt: skip
+    assert code == 0, err
+    assert seen == {"vision": want, "projector": want, "decoder": want}
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_threads_below_one_are_refused_by_the_parser(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--artifacts", "x", "--image", "x.png", "--prompt", PROMPT, "--threads", value])
+    assert exit_.value.code == 2 and "--threads: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_help_says_the_thread_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "one per physical core" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_process_exits_2_with_one_line(tiny_bundle, tmp_path):
     (tmp_path / "taken").write_text("x")
     p = subprocess.run(
