@@ -503,7 +503,7 @@ def test_tiny_endpoint_answers_equal_the_local_run(tiny_run, bundle, tmp_path):
     pytest.importorskip("uvicorn")
     import httpx
 
-    from bench.serve_bench import free_ports
+    from tests.serving_helpers import free_ports
 
     qs, local_out, _ = tiny_run
     (port,) = free_ports(1)

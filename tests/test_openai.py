@@ -29,12 +29,12 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from bench.images import synthetic_image  # noqa: E402
 from runtime.errors import RemoteError  # noqa: E402
 from runtime.prompt import Chat  # noqa: E402
 from serving.openai.app import Settings, create_app  # noqa: E402
 from serving.openai.backend import LocalBackend  # noqa: E402
 from serving.openai.images import ImagePolicy  # noqa: E402
+from tests.helpers import scene_array  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -43,7 +43,7 @@ PROMPT = "What is in this picture?"
 
 def png(width: int, height: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(synthetic_image(width=width, height=height, seed=seed)).save(buf, format="PNG")
+    Image.fromarray(scene_array(width, height, seed)).save(buf, format="PNG")
     return buf.getvalue()
 
 
