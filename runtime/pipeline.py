@@ -56,7 +56,7 @@ from runtime.prompt import Chat, PromptEncoder
 from runtime.quant import check_method, check_onnxruntime
 from runtime.selection import projector_rows, select_stage
 from runtime.stream import CLOSED, TextStream, _ReleaseOnce
-from runtime.visual import ImagePart, budget_total, fill_trace, image_list, splice, visual_tokens
+from runtime.visual import ImagePart, budget_total, fill_trace, image_list, span_bound, splice, visual_tokens
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_CLOSE_TIMEOUT_S = 30.0
@@ -343,19 +343,33 @@ class Pipeline:
         segments = self.prompt.encode_slots(prompt, len(images))
         req = _Request(cfg, sampling, segments, graphs, [self._preprocess(im, i, len(images), opts.color)
                        for i, im in enumerate(images)], t_start=t0, trace=trace)  # fmt: skip
-        visual = sum(part.layout.tokens_per_image for part in req.parts)
         text_len = sum(len(ids) for ids in segments)
-        if text_len + sampling.max_new_tokens + visual > self.max_context:
-            raise PromptError(
-                f"prompt is {text_len} tokens; with the image and max_new_tokens={sampling.max_new_tokens} it "
-                f"exceeds the {self.max_context}-token context; shorten it"
-            )
+        lowest = opts.hired_config(self.defaults, rate=self.governor.min_budget) if opts.is_auto else cfg
+        self._check_context(text_len, req.parts, lowest, sampling.max_new_tokens)
         req.timings["preprocess"] = time.perf_counter() - t0
         req.selector = opts.selector
         if opts.is_auto:  # the governor's rate, calibrating first on this image if it must
             layout = req.parts[0].layout if req.parts else None
             req.cfg, req.auto = auto_budget(self, opts, layout, image, prompt, text_len, req.timings["preprocess"])
+            self._check_context(text_len, req.parts, req.cfg, sampling.max_new_tokens)  # at the chosen rate
         return req
+
+    def _check_context(self, text_len: int, parts: list[ImagePart], cfg: HiredConfig, max_new: int) -> None:
+        """Before any graph of the request runs, with each image's largest span under `cfg` (runtime.visual.
+        span_bound): PromptError when the prompt alone leaves no room for a new token, GenerationError when
+        max_new_tokens takes it past the context the KV cache can hold."""
+        visual = sum(span_bound(part.layout, cfg) for part in parts)
+        prompt, images = text_len + visual, f" + up to {visual} visual tokens" if parts else ""
+        if prompt >= self.max_context:
+            raise PromptError(
+                f"prompt is {text_len} tokens{images}, which fills the {self.max_context}-token context; shorten it"
+                + (" or lower the budget" if parts else "")
+            )
+        if prompt + max_new > self.max_context:
+            raise GenerationError(
+                f"prompt ({text_len} tokens{images}) + max_new_tokens={max_new} exceeds the {self.max_context}-token "
+                f"context the KV cache can hold; ask for at most {self.max_context - prompt} new tokens"
+            )
 
     def _preprocess(self, image, index: int, count: int, color: str) -> ImagePart:
         """One input image -> its pixel values and layout; an ImageError names the image when there are several."""
@@ -394,10 +408,11 @@ class Pipeline:
         return visual
 
     def _splice(self, req: _Request) -> np.ndarray:
-        """Prompt embeddings around the images' visual spans: inputs_embeds [L, Dt]; PromptError past the context."""
+        """Prompt embeddings around the images' visual spans: inputs_embeds [L, Dt]. The exact span is within
+        _check_context's bound; past the context anyway (a bug) it is a GenerationError before the decoder runs."""
         embeds = splice(self.embed_tokens, req.segments, [part.visual for part in req.parts])
         if embeds.shape[0] + req.sampling.max_new_tokens > self.max_context:
-            raise PromptError(
+            raise GenerationError(
                 f"prompt + image make {embeds.shape[0]} tokens; with max_new_tokens={req.sampling.max_new_tokens} "
                 f"that exceeds the {self.max_context}-token context; shorten the prompt or lower the budget"
             )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hired.budget import requested_total
 from hired.selectors import Selection
 from runtime.errors import ImageError
 from runtime.preprocess import Preprocessed
@@ -91,9 +92,24 @@ def fill_trace(trace, parts: list[ImagePart]) -> None:
             setattr(trace, name, getattr(trace.images[0], name))
 
 
+def span_bound(layout, cfg) -> int:
+    """The most tokens an image's visual span can take under `cfg` (a HiredConfig), known before vision runs.
+
+    rate 1.0: the stock span (layout.stock_tokens), exactly. Otherwise the kept patch tokens, at most
+    min(T, 576 + sum of crop capacities) with T = int(n * 576 * rate) (exact for the spatial distribution and every
+    selector; official plans keep <= T, padding dropped), plus one newline slot per unpadded canvas row with
+    newlines="rows" (exact when every row keeps a token)."""
+    if cfg.is_stock:
+        return int(layout.stock_tokens)
+    total = requested_total(layout.n_images, layout.tokens_per_image, cfg.rate)
+    patches = min(total, layout.tokens_per_image + int(layout.capacities.sum()))
+    return patches + (layout.unpadded_rows if cfg.newlines == "rows" else 0)
+
+
 def budget_total(parts: list[ImagePart]) -> int:
     """T summed over the images (each image's T = int(n * 576 * rate))."""
     return sum(int(p.selection.plan.total) for p in parts)
 
 
-__all__ = ["IMAGE_FIELDS", "ImagePart", "budget_total", "fill_trace", "image_list", "splice", "visual_tokens"]
+__all__ = ["IMAGE_FIELDS", "ImagePart", "budget_total", "fill_trace", "image_list", "span_bound", "splice",
+           "visual_tokens"]

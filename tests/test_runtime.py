@@ -155,13 +155,15 @@ def test_huge_max_new_tokens_of_any_integer_type_is_refused_at_once(pipe, value)
 
 @pytest.mark.parametrize("kind", [np.int8, np.uint8, np.int32, np.uint64, int])
 def test_the_context_limit_holds_for_every_integer_type(tiny_bundle, kind):
-    # 600 tokens: the text (~14) + the image's 576-token reserve + 3 new tokens fit; 100 new tokens do not
+    # 600 tokens: the text (~14) + the image's 518 tokens at budget 0.3 (3 partitions) + 3 new tokens fit; 100 new
+    # tokens do not: a GenerationError (max_new_tokens takes it past the context; the prompt alone fits)
     with Pipeline.load(tiny_bundle, max_context=600) as small:
         image = scene(64, 48)
-        fits = small.generate(image, PROMPT, max_new_tokens=kind(3), min_new_tokens=kind(3))
+        fits = small.generate(image, PROMPT, budget=0.3, max_new_tokens=kind(3), min_new_tokens=kind(3))
         assert len(fits.token_ids) == 3 and all(type(t) is int for t in fits.token_ids)
-        with pytest.raises(PromptError, match="600-token context"):
-            small.generate(image, PROMPT, max_new_tokens=kind(100))
+        assert fits.visual_tokens["kept"] == 518
+        with pytest.raises(GenerationError, match="600-token context"):
+            small.generate(image, PROMPT, budget=0.3, max_new_tokens=kind(100))
         assert small.active_requests == 0
 
 
