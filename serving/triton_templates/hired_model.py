@@ -90,10 +90,7 @@ class TritonPythonModel:
             name: TritonGraph(w["model"], manifest.graphs[name], w["input_dtypes"])
             for name, w in wiring.items()
         }
-        threads = int(params.get("decoder_threads") or 0) or None
-        decoder = OrtSession.from_manifest(
-            manifest, "decoder", params.get("decoder_provider") or "cuda", threads=threads
-        )
+        decoder = OrtSession.from_manifest(manifest, "decoder", params.get("decoder_provider") or "cuda")
         self.pipe = pipeline_module.Pipeline.from_sessions(
             manifest, **graphs, decoder=decoder, max_pixels=int(params.get("max_pixels", DEFAULT_MAX_PIXELS))
         )
