@@ -4,7 +4,8 @@
     q = quantize_weight(w, bits=4, block_size=32)       # one float [K, N] weight -> packed, scales, zero points
     quantize_decoder_file("bundle/decoder.onnx", "int4")  # the in-memory route: rewrite a saved decoder graph
     quantize_bundle(staging_folder, "int4")              # ... and the manifest (export_model --quant runs this)
-    python -m export.quantize --bundle artifacts/bench --out artifacts/bench-int4 --quant int4
+    requantize("artifacts/bench", "artifacts/bench-int4", "int4")  # a quantized copy of a float bundle (the
+                                                                 # command line is python -m export --quant)
 
 `quantize_weight` works on one tensor at a time, so the streaming (7B) route can quantize each linear layer as it
 writes it and never holds the float model. The packing is onnxruntime's own (the C++ block quantizer its
@@ -400,32 +401,6 @@ def requantize(src: str | os.PathLike, out: str | os.PathLike, method: str, bloc
     return Path(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """python -m export.quantize --bundle artifacts/bench --out artifacts/bench-int4 --quant int4 [--block-size 32]"""
-    import argparse
-    import sys
-
-    from export.errors import ExportError
-    from runtime.errors import HiredError
-
-    p = argparse.ArgumentParser(prog="python -m export.quantize", description="Quantize the decoder of an exported "
-                                "float bundle into a new bundle (MatMulNBits weights; vision and projector unchanged).")
-    p.add_argument("--bundle", required=True, metavar="DIR", help="a float bundle written by python -m export")
-    p.add_argument("--out", required=True, metavar="DIR", help="the quantized bundle to write")
-    p.add_argument("--quant", required=True, choices=BITS, help="weight format of the decoder's linear layers")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="values per scale (default 32)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    args = p.parse_args(argv)
-    log = lambda msg: print(f"[export.quantize] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        check_block_size(args.block_size)
-        requantize(args.bundle, args.out, args.quant, args.block_size, force=args.force, log=log)
-    except (ExportError, HiredError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def _tensor_bytes(t: TensorProto) -> int:
     if t.raw_data:
         return len(t.raw_data)
@@ -449,7 +424,3 @@ def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
                 names.extend(n.input)
                 names.extend(_subgraph_inputs(n))
     return names
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
