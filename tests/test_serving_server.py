@@ -347,7 +347,8 @@ def _two_requests_inside(server, jobs: dict) -> tuple[list[threading.Thread], di
 
 def _jobs() -> dict:
     return {
-        "running": (picture(500, 700, seed=5), {"max_new_tokens": 64, "min_new_tokens": 64}),
+        # long enough to still run when the second request arrives 0.5 s later, on a fast decoder too
+        "running": (picture(500, 700, seed=5), {"max_new_tokens": 2000, "min_new_tokens": 2000}),
         "queued": (picture(200, 260, seed=6), {"max_new_tokens": 6}),  # another shape: not batched with it
     }
 
