@@ -101,18 +101,8 @@ def build_processor(entry: registry.ModelEntry, tokenizer):
     if entry.single_image:
         return build_clip_processor(entry, tokenizer)
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
+        **clip_processor_settings(side),
         image_grid_pinpoints=[list(p) for p in cfg["image_grid_pinpoints"]],
-        image_mean=list(registry.CLIP_MEAN),
-        image_std=list(registry.CLIP_STD),
-        resample=RESAMPLE_BICUBIC,
-        do_resize=True,
-        do_center_crop=True,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        do_convert_rgb=True,
         do_pad=True,
     )
     return LlavaNextProcessor(
@@ -124,15 +114,10 @@ def build_processor(entry: registry.ModelEntry, tokenizer):
     )
 
 
-def build_clip_processor(entry: registry.ModelEntry, tokenizer):
-    """`LlavaProcessor` of a LLaVA-1.5 entry: CLIPImageProcessor as llava-hf/llava-1.5-*-hf declare it (shortest
-    edge resized to 336, bicubic, then a 336x336 centre crop, CLIP mean/std), PIL backend, and `tokenizer`."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    vision = entry.config["vision_config"]
-    side = int(vision["image_size"])
-    image_processor = CLIPImageProcessorPil(
+def clip_processor_settings(side: int) -> dict:
+    """The image-processor settings LLaVA-NeXT and LLaVA-1.5 checkpoints share: shortest edge `side`, bicubic,
+    a `side` x `side` centre crop, rescale to [0, 1], CLIP mean/std, RGB."""
+    return dict(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
         image_mean=list(registry.CLIP_MEAN),
@@ -145,6 +130,17 @@ def build_clip_processor(entry: registry.ModelEntry, tokenizer):
         do_normalize=True,
         do_convert_rgb=True,
     )
+
+
+def build_clip_processor(entry: registry.ModelEntry, tokenizer):
+    """`LlavaProcessor` of a LLaVA-1.5 entry: CLIPImageProcessor as llava-hf/llava-1.5-*-hf declare it (shortest
+    edge resized to 336, bicubic, then a 336x336 centre crop, CLIP mean/std), PIL backend, and `tokenizer`."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vision = entry.config["vision_config"]
+    side = int(vision["image_size"])
+    image_processor = CLIPImageProcessorPil(**clip_processor_settings(side))
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
