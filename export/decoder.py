@@ -236,7 +236,8 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
 
     Per layer the exporter writes  q, k, v = MatMul -> Reshape [b, s, h, hd] -> Transpose [b, h, s, hd]
     (-> RotaryEmbedding for q, k),  present = Concat(past, k_new),  repeat_kv = Unsqueeze/Expand/Reshape,
-    Attention(q, K, V, mask) -> Transpose -> Reshape [b, s, h*hd]. It becomes
+    Attention(q, K, V, mask) (-> a shape-keeping Reshape [b, -1, s, hd]: the streaming route's meta-device trace)
+    -> Transpose -> Reshape [b, s, h*hd]. It becomes
         RotaryEmbedding(MatMul [b, s, h*hd], cos, sin, num_heads)          (the exporter's own cos/sin)
         GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length)
             -> [b, s, h*hd] (the old Reshape's output), present_key, present_value
@@ -263,6 +264,16 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
         if node is None or node.op_type != op:
             raise NotMatched(f"{name!r} is not the output of a {op} (got {node.op_type if node else 'an input'})")
         return node
+
+    shapes = {v.name: v.type.tensor_type.shape for v in graph.value_info}
+
+    def same_shape(a: str, b: str) -> bool:
+        """The exporter's symbolic shapes of `a` and `b` are known and equal dim for dim: b = Reshape(a) is a no-op."""
+        da, db = (shapes[x].dim if x in shapes else None for x in (a, b))
+        key = lambda d: d.dim_value or d.dim_param or None  # noqa: E731
+        return bool(da) and db is not None and len(da) == len(db) and all(
+            key(x) is not None and key(x) == key(y) for x, y in zip(da, db)
+        )
 
     def perm(node: onnx.NodeProto) -> list[int]:
         return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
@@ -301,6 +312,8 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
         k_cat, v_cat = cache(node.input[1]), cache(node.input[2])
         qkv = [projection(node.input[0]), projection(k_cat.input[1]), projection(v_cat.input[1])]
         after = consumers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Reshape" and same_shape(node.output[0], after[0].output[0]):
+            after = consumers.get(after[0].output[0], [])  # the streaming route's view [b, -1, s, hd]: a no-op
         if len(after) != 1 or after[0].op_type != "Transpose" or perm(after[0]) != [0, 2, 1, 3]:
             raise NotMatched(f"Attention {node.name!r} output is not transposed back to [b, s, h, hd]")
         reshape = consumers.get(after[0].output[0], [])

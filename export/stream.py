@@ -163,6 +163,37 @@ def write_npy(path: Path, spec: WeightSpec, weights: Weights) -> str:
     return sha
 
 
+def write_traced(
+    onnx_model,
+    specs: list[tuple[Any, WeightSpec]],
+    folder: Path,
+    graph: str,
+    weights: Weights,
+    text_config,
+    transform: Transform | None = None,
+    quant: str = "none",
+    block_size: int = 32,
+) -> dict[str, str]:
+    """`write_graph` of one traced graph, plus the decoder's own steps: {logical: sha256} of the files as saved.
+
+    The decoder's linear weights are quantized one by one as they are written (`quant` "int8"/"int4",
+    export.quantize.plan_streaming), then its saved graph gets the attention rewrite of the in-memory route
+    (export.decoder.rewrite_attention: GroupQueryAttention on a shared KV buffer; weights untouched) and is re-hashed.
+    """
+    hook = transform
+    if graph == "decoder" and quant != "none":
+        from export.quantize import plan_streaming
+
+        specs, hook = plan_streaming(onnx_model, specs, quant, block_size)
+    sha256 = write_graph(onnx_model, specs, folder, graph, weights, transform=hook)
+    if graph == "decoder":
+        from export.decoder import rewrite_attention
+
+        rewrite_attention(folder / GRAPH_FILES[graph], text_config)
+        sha256[graph] = sha256_file(folder / GRAPH_FILES[graph])
+    return sha256
+
+
 # ---------------------------------------------------------------------------------------------- the route
 def _tokenizer(folder: Path | None):
     """(tokenizer object or None, checkpoint folder to copy tokenizer.json from or None, tokenizer kind)."""
@@ -264,17 +295,9 @@ def write_streaming(
             onnx_model, specs = trace_graph(model, graph, buffers, opset)
             t1 = time.perf_counter()
             watchdog.stage = f"write {graph}"
-            hook = transform
-            if graph == "decoder" and quant != "none":
-                from export.quantize import plan_streaming
-
-                specs, hook = plan_streaming(onnx_model, specs, quant, block_size)
-            sha256.update(write_graph(onnx_model, specs, folder, graph, fill, transform=hook))
-            if graph == "decoder":  # GroupQueryAttention on the saved graph (export/decoder.py); weights untouched
-                from export.decoder import rewrite_attention
-
-                rewrite_attention(folder / GRAPH_FILES[graph], config.text_config)
-                sha256[graph] = sha256_file(folder / GRAPH_FILES[graph])
+            sha256.update(
+                write_traced(onnx_model, specs, folder, graph, fill, config.text_config, transform, quant, block_size)
+            )
             del onnx_model, specs
             files[graph] = GRAPH_FILES[graph]
             files[f"{graph}_data"] = GRAPH_FILES[graph] + DATA_SUFFIX

@@ -230,3 +230,126 @@ def test_an_fp16_export_reads_its_cache_in_place_too(tmp_path):
     got = binding.get_outputs()[0].numpy().reshape(-1)
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
     assert int(np.argmax(got)) == int(np.argmax(want))
+
+
+# ---------------------------------------------------------------------------------------------- streamed graphs
+def reads_past_in_place(graph: onnx.ModelProto) -> bool:
+    """Every node reading a past K/V input is a GroupQueryAttention (or a Shape); metadata says shared-buffer."""
+    past = {i.name for i in graph.graph.input if i.name.startswith("past_key_values.")}
+    readers = {n.op_type for n in graph.graph.node if set(n.input) & past}
+    ops = {n.op_type for n in graph.graph.node}
+    meta = {p.key: p.value for p in graph.metadata_props}
+    return readers <= {"GroupQueryAttention", "Shape"} and not ops & {"Attention", "Expand", "If"} and (
+        meta[KV_CACHE_KEY] == SHARED
+    )
+
+
+def streamed_decoder(folder, name: str, dtype: str, quant: str = "none", weights=None, shrink: bool = False):
+    """decoder.onnx of registry model `name` with one text block, as the streaming route writes it (traced on the
+    meta device, weights streamed, quantized and rewritten by export.stream.write_traced). `shrink` cuts the MLP
+    and vocabulary (not the attention) of 7B shapes. Returns (path, config)."""
+    from export.meta import RandomWeights, meta_model, trace_graph
+    from export.stream import AS_TORCH, write_traced
+    from models import registry
+
+    config = registry.get(name).llava_config()
+    text = config.text_config
+    text.num_hidden_layers = 1
+    if shrink:
+        text.intermediate_size, text.vocab_size = 64, 512
+    model, buffers = meta_model(config, AS_TORCH[dtype])
+    onnx_model, specs = trace_graph(model, "decoder", buffers, 23)
+    fill = weights or RandomWeights(0)
+    write_traced(onnx_model, specs, folder, "decoder", fill, text, quant=quant)
+    return folder / "decoder.onnx", config
+
+
+def run_bound(path, x: np.ndarray, kv_heads: int, head_dim: int, split: int) -> list[np.ndarray]:
+    """Prefill x[:split] then decode x[split:] one row at a time, past and present bound to one buffer per tensor
+    (as runtime/decoder.py does): the logits of each call."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
+    n = x.shape[0]
+    cache = [ort.OrtValue.ortvalue_from_shape_and_type((1, kv_heads, n, head_dim), dtype, "cpu", 0) for _ in range(2)]
+    out = []
+    for lo, hi in [(0, split), *((i, i + 1) for i in range(split, n))]:
+        binding = sess.io_binding()
+        binding.bind_output("logits", "cpu")
+        binding.bind_cpu_input("inputs_embeds", x[None, lo:hi].astype(dtype))
+        binding.bind_cpu_input("attention_mask", np.ones((1, hi), np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(lo, hi)[None])
+        for value, name in zip(cache, ("key", "value")):
+            binding.bind_ortvalue_input(f"past_key_values.0.{name}", value)
+            binding.bind_ortvalue_output(f"present.0.{name}", value)
+        sess.run_with_iobinding(binding)
+        out.append(binding.get_outputs()[0].numpy().reshape(-1).astype(np.float32))
+    return out
+
+
+def torch_logits(config, dtype: str, x: np.ndarray, split: int) -> list[np.ndarray]:
+    """The seeded torch twin's last-position logits (fp32 compute) for x[:split], x[:split+1], ..., x[:n]."""
+    import torch
+
+    from export.decoder import DecoderWrapper
+    from export.meta import RandomWeights, torch_twin
+    from export.stream import AS_TORCH
+
+    twin = torch_twin(config, RandomWeights(0), dtype=AS_TORCH[dtype]).float()
+    wrapper = DecoderWrapper(twin.model.language_model, twin.lm_head).eval()
+    kv, hd = config.text_config.num_key_value_heads, config.text_config.head_dim
+    out = []
+    with torch.no_grad():
+        for end in range(split, x.shape[0] + 1):
+            t = torch.from_numpy(x[None, :end].astype(np.float32))
+            past = [torch.zeros(1, kv, 0, hd)] * 2
+            logits = wrapper(t, torch.ones(1, end, dtype=torch.int64), torch.arange(end)[None], *past)
+            out.append(logits[0].reshape(-1).numpy())
+    return out
+
+
+@pytest.mark.parametrize("dtype, quant", [("fp32", "none"), ("fp16", "none"), ("fp32", "int4"), ("fp16", "int4")])
+def test_a_streamed_decoder_reads_its_cache_in_place_and_equals_its_torch_twin(tmp_path, dtype, quant):
+    """The streaming route's graph (its attention output takes one more, shape-keeping Reshape) gets
+    GroupQueryAttention on a shared buffer like the in-memory route's; bound-buffer prefill + decode logits equal
+    the seeded torch twin's (fp32 to float rounding, fp16 within fp16 rounding; int4 keeps the argmax mostly)."""
+    path, config = streamed_decoder(tmp_path, "tiny", dtype, quant)
+    graph = onnx.load(str(path), load_external_data=False)
+    assert reads_past_in_place(graph)
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.graph.node) == 1
+    x = np.random.default_rng(0).standard_normal((24, config.text_config.hidden_size)).astype(np.float32) * 0.5
+    text = config.text_config
+    got = run_bound(path, x, text.num_key_value_heads, text.head_dim, split=20)
+    want = torch_logits(config, dtype, x, split=20)
+    for g, w in zip(got, want):
+        if quant != "none":
+            assert np.isfinite(g).all() and np.corrcoef(g, w)[0, 1] > 0.9
+        elif dtype == "fp16":
+            assert np.abs(g - w).max() < 0.02 * np.abs(w).max() and int(np.argmax(g)) == int(np.argmax(w))
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+def _architectures() -> list[str]:
+    """One registry model per attention form (text model type, grouped or not), besides `tiny`."""
+    from models import registry
+
+    seen, names = {("mistral", True)}, []  # tiny: the test above
+    for name in registry.names():
+        text = registry.get(name).llava_config().text_config
+        form = (text.model_type, text.num_key_value_heads != text.num_attention_heads)
+        if form not in seen and getattr(text, "sliding_window", None) is None:
+            seen.add(form)
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", _architectures())
+def test_every_registered_architecture_gets_the_shared_buffer_when_streamed(tmp_path, name):
+    """A default (opset 23, fp16) streamed export of a supported model never falls back to the concat form
+    silently: LLaMA (7B/13B, no KV grouping) and Mistral (grouped KV) both get GroupQueryAttention."""
+    path, _ = streamed_decoder(
+        tmp_path, name, "fp16", weights=lambda spec: np.zeros(spec.shape, spec.dtype), shrink=True
+    )
+    assert reads_past_in_place(onnx.load(str(path), load_external_data=False))
