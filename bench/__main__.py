@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the transformers / export/reference.py comparison (needs torch + the source model)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of onnxruntime and of torch (default: each library's own choice, the cores)")  # fmt: skip
+    p.add_argument("--quant", choices=("none", "int8", "int4"), default="none",
+                   help="instead of the tables: the row of ARTIFACTS/<model>-<quant> (size, load RSS, TTFT of one request at "
+                   "budget 0.2; exported on first use: ~20 min for a 7B); bench.quant_row")  # fmt: skip
     p.add_argument(
         "--prompt",
         default=DEFAULT_PROMPT,
@@ -468,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
+        if args.quant != "none":
+            from bench.quant_row import quant_row
+
+            quant_row(args.model, args.quant, Path(args.artifacts), budget=REFERENCE_BUDGET, threads=args.threads,
+                      force_export=args.force_export, log=_say)  # fmt: skip
+            return 0
         run(args)
     except (RuntimeError, FileNotFoundError, HiredError) as e:
         print(f"[bench] error: {e}", file=sys.stderr)
