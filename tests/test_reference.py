@@ -296,6 +296,7 @@ def test_streamed_bundle_matches_its_torch_twin(tmp_path):
     assert manifest.export_info["seed"] == 3 and manifest.export_info["peak_rss_bytes"] > 0
     assert (manifest.vision.early_layer, manifest.vision.late_layer, manifest.text.num_layers) == (0, 1, 1)
     decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    assert {m.key: m.value for m in decoder.metadata_props}["hired_edge.kv_cache"] == "shared-buffer"
     inline = [t for t in decoder.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     assert all(int(np.prod(t.dims)) < 4096 for t in inline)  # only buffers and folded constants stay inline
     external = {t.name for t in decoder.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
