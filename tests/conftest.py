@@ -62,6 +62,25 @@ def _build_checkpoint(out: Path) -> Path:
     return build_checkpoint("tiny", out, seed=0, log=None)
 
 
+# `make test-fast` (pytest -m "not slow") is the inner loop: the algorithm, the manifest and bundle checks, images,
+# preprocessing, prompts, options, the runtime on the tiny bundle (with its parity against transformers), the
+# decoder's cache, the wire protocol and the code's structure. Besides the tests marked slow one by one (soak,
+# generated fuzz groups, export kills, live servers), these whole modules are slow: each of their tests exports a
+# bundle, builds a model, starts a server or runs the tiny model tens to hundreds of times.
+SLOW_MODULES = {
+    "test_bench", "test_bundle_security", "test_concurrency", "test_download", "test_eval", "test_export",
+    "test_export_interrupt", "test_fuzz", "test_governor", "test_llava15", "test_llm_peer", "test_models",
+    "test_multi_image", "test_openai", "test_quantize", "test_reference", "test_serving_server",
+    "test_serving_triton_repo", "test_soak",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     if _cache_folder() is not None:

@@ -193,6 +193,7 @@ def test_a_cpu_session_keeps_its_cache_in_cpu_memory(session, embed, manifest):
     assert {v.device_name() for v in cache.values} == {"cpu"}
 
 
+@pytest.mark.slow  # exports an fp16 tiny model (~10 s)
 def test_an_fp16_export_reads_its_cache_in_place_too(tmp_path):
     """fp16 exports spell rotary out (Mul/Slice/Neg on [b, h, s, hd]); they get GroupQueryAttention all the same,
     and the bound-buffer run stays within fp16 rounding of the fp32 torch model."""
@@ -309,6 +310,7 @@ def torch_logits(config, dtype: str, x: np.ndarray, split: int) -> list[np.ndarr
     return out
 
 
+@pytest.mark.slow  # four streamed exports (~10 s each)
 @pytest.mark.parametrize("dtype, quant", [("fp32", "none"), ("fp16", "none"), ("fp32", "int4"), ("fp16", "int4")])
 def test_a_streamed_decoder_reads_its_cache_in_place_and_equals_its_torch_twin(tmp_path, dtype, quant):
     """The streaming route's graph (its attention output takes one more, shape-keeping Reshape) gets
@@ -345,6 +347,7 @@ def _architectures() -> list[str]:
     return names
 
 
+@pytest.mark.slow  # one streamed trace per attention form (~10 s each)
 @pytest.mark.parametrize("name", _architectures())
 def test_every_registered_architecture_gets_the_shared_buffer_when_streamed(tmp_path, name):
     """A default (opset 23, fp16) streamed export of a supported model never falls back to the concat form
