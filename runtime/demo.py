@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         if m.model.random_weights:
             print(
                 "note: this model has RANDOM weights, so its text is not meaningful; it shows the pipeline works.\n"
-                "      For real answers export a real checkpoint: put llava-hf/llava-v1.6-vicuna-7b-hf in "
-                "checkpoints/llava-next-7b, then `make export MODEL=checkpoints/llava-next-7b` and "
-                "`make demo ARTIFACTS=artifacts/llava-next-7b`."
+                "      For real answers export a real checkpoint: `make export MODEL=llava-next-7b` (downloads "
+                "llava-hf/llava-v1.6-vicuna-7b-hf when it is not on disk; add QUANT=int4 for an 8-16 GB device), "
+                "then `make demo ARTIFACTS=artifacts/llava-next-7b` (`artifacts/llava-next-7b-int4` with QUANT=int4)."
             )
         rows = []
         for budget in (1.0, args.budget):
