@@ -17,7 +17,8 @@ Each model is `<name>/config.pbtxt` + `<name>/1/...`; the graphs become `<name>/
 default, so a 14 GB decoder is not copied; --files copy for another filesystem, symlink for local use only:
 links out of the folder break inside `docker -v`; the decoder is copied then). Ensembles cannot loop, hence
 the Python (BLS) model.
-The graphs' tensors are read with the `onnx` package (structure only, no weights; the `export` extra has it).
+The graphs' tensors are read by onnxruntime (a CPU session) and their external-data files come from the manifest,
+so the writer needs only the runtime's packages.
 
 `--stand-in` writes `vision` and `projector` as Python-backend models running onnxruntime on CPU
 instead, for tritonservers with the Python backend only (PyTriton's bundled one): the same wiring, testable
@@ -49,17 +50,17 @@ GRAPHS = ("vision", "projector")  # Triton graph models; the decoder runs inside
 LOCAL_FILES = ("decoder", "embed_tokens", "image_newline", "tokenizer")  # what the hired model reads itself
 ENTRY_POINT = TEMPLATES / "hired_model.py"
 DEFAULT_TRITON_TAG = "25.12"
-# ONNX TensorProto element types -> (Triton config type, numpy dtype name)
-ONNX_TYPES = {
-    1: ("TYPE_FP32", "float32"),
-    2: ("TYPE_UINT8", "uint8"),
-    3: ("TYPE_INT8", "int8"),
-    6: ("TYPE_INT32", "int32"),
-    7: ("TYPE_INT64", "int64"),
-    9: ("TYPE_BOOL", "bool"),
-    10: ("TYPE_FP16", "float16"),
-    11: ("TYPE_FP64", "float64"),
-    16: ("TYPE_BF16", "bfloat16"),
+# onnxruntime's tensor type names -> (Triton config type, numpy dtype name)
+ORT_TYPES = {
+    "tensor(float)": ("TYPE_FP32", "float32"),
+    "tensor(uint8)": ("TYPE_UINT8", "uint8"),
+    "tensor(int8)": ("TYPE_INT8", "int8"),
+    "tensor(int32)": ("TYPE_INT32", "int32"),
+    "tensor(int64)": ("TYPE_INT64", "int64"),
+    "tensor(bool)": ("TYPE_BOOL", "bool"),
+    "tensor(float16)": ("TYPE_FP16", "float16"),
+    "tensor(double)": ("TYPE_FP64", "float64"),
+    "tensor(bfloat16)": ("TYPE_BF16", "bfloat16"),
 }
 WIRE_TYPES = {"UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "INT32": "TYPE_INT32",
                "INT64": "TYPE_INT64"}  # fmt: skip
@@ -104,40 +105,26 @@ class RepoOptions:
 
 # ---- reading the graphs --------------------------------------------------------------------------------------
 def graph_tensors(path: Path) -> tuple[list[TensorIO], list[TensorIO]]:
-    """Inputs and outputs of an ONNX graph (weights are not loaded)."""
-    import onnx
+    """Inputs and outputs of an ONNX graph, as onnxruntime reads them (a CPU session, no graph optimisation)."""
+    import onnxruntime as ort
 
-    model = onnx.load(str(path), load_external_data=False)
-    init_names = {i.name for i in model.graph.initializer}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def io(value) -> TensorIO:
-        elem = value.type.tensor_type.elem_type
-        if elem not in ONNX_TYPES:
-            raise RepoError(
-                f"{path.name}: tensor {value.name!r} has ONNX element type {elem}, which has no Triton type"
-            )
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
-            for d in value.type.tensor_type.shape.dim
-        )
-        return TensorIO(value.name, ONNX_TYPES[elem][0], ONNX_TYPES[elem][1], dims)
+    def io(arg) -> TensorIO:
+        if arg.type not in ORT_TYPES:
+            raise RepoError(f"{path.name}: tensor {arg.name!r} has type {arg.type}, which has no Triton type")
+        dims = tuple(d if isinstance(d, int) and d > 0 else -1 for d in arg.shape)
+        return TensorIO(arg.name, *ORT_TYPES[arg.type], dims)
 
-    inputs = [io(v) for v in model.graph.input if v.name not in init_names]
-    return inputs, [io(v) for v in model.graph.output]
+    return [io(a) for a in session.get_inputs()], [io(a) for a in session.get_outputs()]
 
 
-def external_data_files(path: Path) -> list[str]:
-    """Relative locations of the external-data files an ONNX graph references (copied beside model.onnx)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    found = []
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location" and entry.value not in found:
-                    found.append(entry.value)
-    return found
+def external_data_files(manifest: Manifest, name: str) -> list[str]:
+    """The external-data file of graph `name` (copied beside model.onnx), as the manifest lists it: `<name>_data`."""
+    data = manifest.files.get(f"{name}_data")
+    return [data] if data else []
 
 
 def max_images(manifest: Manifest) -> int:
@@ -327,7 +314,7 @@ def _write(manifest: Manifest, stage: Path, opts: RepoOptions, log: Callable[[st
         inputs, outputs = graph_tensors(src)
         version = stage / name / "1"
         place_file(src, version / "model.onnx", opts.files)
-        for rel in external_data_files(src):
+        for rel in external_data_files(manifest, name):
             place_file(src.parent / rel, version / rel, opts.files)
         if opts.stand_in:
             shutil.copy2(TEMPLATES / "ort_stand_in.py", version / "model.py")
@@ -363,7 +350,7 @@ def _write(manifest: Manifest, stage: Path, opts: RepoOptions, log: Callable[[st
         src = manifest.path(name)
         place_file(src, bundle / manifest.files[name], how)
         if name == "decoder":
-            for rel in external_data_files(src):
+            for rel in external_data_files(manifest, name):
                 place_file(src.parent / rel, bundle / rel, how)
     (version / "graphs.json").write_text(json.dumps(wiring, indent=2) + "\n")
     (stage / MODEL_NAME / "config.pbtxt").write_text(hired_model_config(opts))

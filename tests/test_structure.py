@@ -141,3 +141,17 @@ def test_serving_client_does_not_import_the_server():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_runtime_side_sources_never_import_torch_transformers_or_onnx_even_lazily():
+    """Read from the source: a lazy import inside a function counts (e.g. serving.triton_repo reading graphs)."""
+    found = []
+    for name, path in module_files().items():
+        if name.split(".")[0] not in ("hired", "runtime", "serving"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            found += [f"{name}: {n}" for n in names if n.split(".")[0] in ("torch", "transformers", "onnx")]
+    assert found == []
