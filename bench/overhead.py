@@ -4,12 +4,16 @@
     us = selection_overhead_us(calls=1000)   # median microseconds per request, 1000x1000 image (2x2 grid, 5 images)
     per = selector_overheads_us(calls=1000)  # {"hired": us, "cls": us, ..., "visionzip": us}, same case
 
-numpy only (the `hired` package); the scores are random, positive float32, as the vision graph gives them; the
-features (visionzip reads them) are random float32 of CLIP-L's width, 1024.
+    python -m bench.overhead [--calls 1000] [--feature-dtype fp32|fp16]   # the per-selector table alone
+
+The scores are random, positive float32, as the vision graph gives them; the features (visionzip reads them) are
+random, of CLIP-L's width 1024, in the bundle's dtype (fp32 bundles by default; fp16 ones, such as the streamed
+7B, give fp16 features). Per selector it times runtime.selection.select_stage, what a request pays.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 
@@ -17,7 +21,8 @@ import numpy as np
 
 from bench.metrics import median
 from hired import AnyresLayout, HiredConfig, pack_tokens, plan_budget, select_tokens
-from hired.selectors import SELECTORS, apply_selector
+from hired.selectors import SELECTORS
+from runtime.selection import select_stage
 
 # LLaVA-NeXT's five (height, width) pinpoints, as in every llava-v1.6 config.
 LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
@@ -29,6 +34,7 @@ LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
 )
 N_SCORE_SETS = 8  # distinct random score sets cycled through, so no call sees the previous call's input
 FEATURE_DIM = 1024  # CLIP-L/14-336's feature width: what visionzip's similarity grouping reads
+FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # a bundle's dtype -> its vision graph's features
 TARGETS_US = {"visionzip": 2000.0}  # issue 14's targets: visionzip <= 2 ms, every other selector <= 0.5 ms
 DEFAULT_TARGET_US = 500.0
 
@@ -86,27 +92,31 @@ def selector_overheads_us(
     rate: float = 0.2,
     grid_pinpoints: Sequence[Sequence[int]] = LLAVA_NEXT_PINPOINTS,
     feature_dim: int = FEATURE_DIM,
+    feature_dtype: str = "fp32",
     seed: int = 0,
 ) -> dict[str, float]:
-    """Median microseconds of plan + select + pack per selector (hired.selectors.apply_selector + pack_tokens) over
-    `calls` calls each, after one untimed call; the selectors take turns call by call, so a busy moment of the
-    machine hits them all alike. The merged tokens' feature means (the projector stage's) are not included."""
+    """Median microseconds of plan + select + pack per selector (runtime.selection.select_stage: the selector, its
+    one-BLAS-thread limit, pack_tokens) over `calls` calls each, after one untimed call; the selectors take turns
+    call by call, so a busy moment of the machine hits them all alike. feature_dtype: the bundle's dtype ("fp32" or
+    "fp16"), the features' as the vision graph returns them. The merged tokens' feature means (the projector
+    stage's) are not included."""
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
     layout = AnyresLayout.for_image(width=width, height=height, grid_pinpoints=grid_pinpoints)
     cfg = HiredConfig(rate=rate)
     rng = np.random.default_rng(seed)
     n, t = layout.n_images, layout.tokens_per_image
     sets = [
         (rng.random((n, t), dtype=np.float32) + 1e-3, rng.random((n, t), dtype=np.float32) + 1e-3,
-         rng.standard_normal((n, t, feature_dim), dtype=np.float32))
+         rng.standard_normal((n, t, feature_dim), dtype=np.float32).astype(FEATURE_DTYPES[feature_dtype]))
         for _ in range(N_SCORE_SETS)
     ]  # fmt: skip
 
     def once(name: str, i: int) -> None:
         early, late, feats = sets[i % N_SCORE_SETS]
-        sel = apply_selector(name, layout, early, late, cfg, features=feats, seed=i)
-        pack_tokens(sel.keep, layout, cfg)
+        select_stage(layout, cfg, name, i, feats, early, late)
 
     times: dict[str, list[float]] = {name: [] for name in selectors}
     for name in selectors:
@@ -119,12 +129,29 @@ def selector_overheads_us(
     return {name: median(v) for name, v in times.items()}
 
 
-def overhead_lines(per: dict[str, float], calls: int) -> list[str]:
+def overhead_lines(per: dict[str, float], calls: int, feature_dtype: str = "fp32") -> list[str]:
     """A markdown table of per-selector medians against issue 14's targets."""
     out = ["| selector | median us | target us | met |", "|---|---:|---:|---|"]
     for name, us in per.items():
         target = TARGETS_US.get(name, DEFAULT_TARGET_US)
         out.append(f"| {name} | {us:,.0f} | {target:,.0f} | {'yes' if us <= target else 'NO'} |")
     out.append(f"\n(median of {calls:,} calls each; plan + select + pack, 1000x1000 image -> 5 images of 576 tokens, "
-               f"features {FEATURE_DIM} wide)")  # fmt: skip
+               f"{feature_dtype} features {FEATURE_DIM} wide)")  # fmt: skip
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.overhead", description="Time every token selector alone "
+                                "(plan + select + pack, 1000x1000 image -> 5 images of 576 tokens), as make bench does.")  # fmt: skip
+    p.add_argument("--calls", type=int, default=1000, help="timed calls per selector [1000]")
+    p.add_argument("--feature-dtype", choices=tuple(FEATURE_DTYPES), default="fp32",
+                   help="the bundle's dtype, which the vision graph's features have [fp32]")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.calls < 1:
+        p.error("need --calls >= 1")
+    per = selector_overheads_us(args.calls, feature_dtype=args.feature_dtype)
+    print("\n".join(overhead_lines(per, args.calls, args.feature_dtype)))
+
+
+if __name__ == "__main__":
+    main()

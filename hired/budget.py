@@ -71,21 +71,24 @@ def water_fill(amount: int, scores: np.ndarray, capacities: np.ndarray) -> list[
 
     Crops whose proportional share reaches their capacity take their capacity and the rest is re-shared
     among the others; when the others' scores are all zero, in proportion to their capacities.
-    Requires amount <= sum(capacities). Rational arithmetic, so equal scores get exactly equal shares.
+    Requires amount <= sum(capacities). Rational arithmetic, so equal scores get exactly equal shares: each score
+    is an exact integer over one common power-of-two denominator, so crop i's share is the fraction
+    remaining * weights[i] / sum(open weights) of integers.
     """
     caps = [int(c) for c in capacities]
-    weights = [Fraction(float(s)) for s in scores]
+    ratios = [float(s).as_integer_ratio() for s in scores]  # exact: (numerator, power-of-two denominator)
+    scale = max((den for _, den in ratios), default=1)
+    weights = [num * (scale // den) for num, den in ratios]  # scores * scale, exact integers
     shares = [Fraction(0)] * len(caps)
-    remaining = Fraction(amount)
+    remaining = int(amount)
     open_ = [i for i, cap in enumerate(caps) if cap > 0]
     while open_ and remaining > 0:
-        basis = weights if sum(weights[i] for i in open_) > 0 else [Fraction(c) for c in caps]
+        basis = weights if sum(weights[i] for i in open_) > 0 else caps
         denominator = sum(basis[i] for i in open_)
-        tentative = {i: remaining * basis[i] / denominator for i in open_}
-        full = [i for i in open_ if tentative[i] >= caps[i]]
+        full = [i for i in open_ if remaining * basis[i] >= caps[i] * denominator]  # share >= capacity
         if not full:
             for i in open_:
-                shares[i] = tentative[i]
+                shares[i] = Fraction(remaining * basis[i], denominator)
             break
         for i in full:
             shares[i] = Fraction(caps[i])

@@ -18,6 +18,16 @@ from hired.layout import AnyresLayout
 NEWLINE = -1
 
 
+def check_indices(image: int, indices: np.ndarray, tokens: int) -> None:
+    """ValueError unless keep[image], `indices`, is a 1-D integer array, sorted ascending, in [0, tokens)."""
+    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+        raise ValueError(f"keep[{image}] must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= tokens):
+        raise ValueError(f"keep[{image}] has indices outside [0, {tokens})")
+    if np.any(np.diff(indices) <= 0):
+        raise ValueError(f"keep[{image}] must be sorted ascending without repeats")
+
+
 def kept_flags(keep: list[np.ndarray], layout: AnyresLayout) -> np.ndarray:
     """bool [n_images * 576]: True at image_index * 576 + token for each kept token; checks `keep`."""
     tokens = layout.tokens_per_image
@@ -26,23 +36,23 @@ def kept_flags(keep: list[np.ndarray], layout: AnyresLayout) -> np.ndarray:
             f"keep must hold {layout.n_images} index arrays (base image first, then {layout.n_crops} crops), "
             f"got {len(keep)}"
         )
-    flags = np.zeros((layout.n_images, tokens), dtype=bool)
-    for image, indices in enumerate(keep):
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
-            raise ValueError(
-                f"keep[{image}] must be a 1-D integer array, got {indices.dtype} {indices.shape}"
-            )
-        if indices.size and (indices.min() < 0 or indices.max() >= tokens):
-            raise ValueError(f"keep[{image}] has indices outside [0, {tokens})")
-        if np.any(np.diff(indices) <= 0):
-            raise ValueError(f"keep[{image}] must be sorted ascending without repeats")
-        flags[image, indices.astype(np.int64)] = True
-    padding = flags[1:] & ~layout.valid_mask
+    arrays = [np.asarray(indices) for indices in keep]
+    # all images at once: the flat ids image * 576 + token are strictly ascending and each in its image's range
+    # exactly when every keep[image] is sorted, unique and in [0, 576); else check_indices names the first bad one
+    integral = all(a.ndim == 1 and (a.dtype.kind in "iu" or not a.size) for a in arrays)
+    if integral:
+        flat = np.concatenate([a.astype(np.int64) + image * tokens for image, a in enumerate(arrays)])
+        owner = np.repeat(np.arange(len(arrays)), [a.size for a in arrays])
+    if not integral or np.any(flat // tokens != owner) or np.any(np.diff(flat) <= 0):
+        for image, indices in enumerate(arrays):
+            check_indices(image, indices, tokens)
+    flags = np.zeros(layout.n_images * tokens, dtype=bool)
+    flags[flat] = True
+    padding = flags.reshape(layout.n_images, tokens)[1:] & ~layout.valid_mask
     if padding.any():
         crop, token = (int(x[0]) for x in np.nonzero(padding))
         raise ValueError(f"keep[{crop + 1}] holds padding token {token}, which unpadding removes")
-    return flags.reshape(-1)
+    return flags
 
 
 def pack_tokens(keep: list[np.ndarray], layout: AnyresLayout, cfg: HiredConfig) -> np.ndarray:

@@ -10,6 +10,7 @@ among all 576, as the published code does, and then drop the padding ones (so th
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,14 @@ from hired.scores import checked_scores, top_k
 if TYPE_CHECKING:
     from hired.budget import BudgetPlan
     from hired.layout import AnyresLayout
+
+
+@lru_cache(maxsize=64)
+def candidate_mask(layout: AnyresLayout) -> np.ndarray:
+    """bool [1 + n_crops, 576]: the tokens that survive unpadding, base image first (all of it); read-only, cached."""
+    mask = np.concatenate([np.ones((1, layout.tokens_per_image), dtype=bool), layout.valid_mask])
+    mask.setflags(write=False)
+    return mask
 
 
 def _check_plan(plan: BudgetPlan, layout: AnyresLayout) -> None:
@@ -36,6 +45,22 @@ def _check_plan(plan: BudgetPlan, layout: AnyresLayout) -> None:
             raise ValueError(f"plan.crops[{i}] = {budget} is outside [0, {limit}] for this layout")
 
 
+def top_k_rows(scores: np.ndarray, ks: np.ndarray, candidates: np.ndarray) -> list[np.ndarray]:
+    """Per row i, int64 [ks[i]]: the sorted indices of the ks[i] highest scores [n, m] (>= 0) among the row's
+    candidates (bool [n, m]); ties to the lower index. top_k on every row at once: the kept are the scores above
+    the row's k-th highest, then the lowest-index ones equal to it. Requires ks[i] <= the row's candidates.
+    """
+    n, m = scores.shape
+    masked = np.where(candidates, scores, -1.0)  # below every candidate's score
+    kth = np.sort(masked, axis=1)[np.arange(n), np.minimum(m - ks, m - 1)]
+    kth = np.where(ks > 0, kth, np.inf)  # k = 0: nothing reaches it
+    above = masked > kth[:, None]
+    ties = masked == kth[:, None]
+    need = ks - above.sum(axis=1)  # ties taken, lowest index first
+    take = above | (ties & (np.cumsum(ties, axis=1) <= need[:, None]))
+    return [np.flatnonzero(row) for row in take]
+
+
 def select_tokens(late_scores: object, plan: BudgetPlan, layout: AnyresLayout) -> list[np.ndarray]:
     """Kept token indices per image, base first: a list of 1 + n_crops sorted int64 arrays.
 
@@ -47,12 +72,10 @@ def select_tokens(late_scores: object, plan: BudgetPlan, layout: AnyresLayout) -
     shape = (layout.n_images, layout.tokens_per_image)
     late = checked_scores(late_scores, shape, "late_scores", dtype)
     _check_plan(plan, layout)
+    if not official:  # every image at once, among its valid tokens
+        return top_k_rows(late, np.array((plan.base, *plan.crops)), candidate_mask(layout))
     keep = [top_k(late[0], plan.base)]
     for i, budget in enumerate(plan.crops):
-        valid = layout.valid_mask[i]
-        if official:
-            chosen = top_k(late[1 + i], budget)
-            keep.append(chosen[valid[chosen]])
-        else:
-            keep.append(top_k(late[1 + i], budget, np.flatnonzero(valid)))
+        chosen = top_k(late[1 + i], budget)
+        keep.append(chosen[layout.valid_mask[i][chosen]])
     return keep

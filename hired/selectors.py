@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
 
 import numpy as np
@@ -36,8 +37,8 @@ import numpy as np
 from hired.budget import BudgetPlan, base_share, plan_budget, requested_total, spatial_split
 from hired.config import HiredConfig
 from hired.layout import AnyresLayout
-from hired.scores import checked_scores, top_k
-from hired.select import select_tokens
+from hired.scores import checked_scores
+from hired.select import candidate_mask, select_tokens, top_k_rows
 
 SELECTORS = ("hired", "cls", "uniform", "random", "visionzip")
 DOMINANT_SHARE = (54, 64)  # VisionZip's 54 dominant of 64 kept tokens
@@ -53,18 +54,22 @@ class Selection:
     groups: Mapping[int, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
 
 
+@lru_cache(maxsize=64)
 def valid_candidates(layout: AnyresLayout) -> np.ndarray:
-    """int64 [576 + sum(capacities)]: flat ids (image * 576 + token) of every token that survives unpadding."""
+    """int64 [576 + sum(capacities)]: flat ids (image * 576 + token) of every token that survives unpadding
+    (read-only; cached per layout)."""
     t = layout.tokens_per_image
     valid = np.concatenate([np.ones(t, dtype=bool), layout.valid_mask.reshape(-1)])
-    return np.flatnonzero(valid).astype(np.int64)
+    flat = np.flatnonzero(valid).astype(np.int64)
+    flat.setflags(write=False)
+    return flat
 
 
 def split_flat(flat_ids: np.ndarray, layout: AnyresLayout) -> list[np.ndarray]:
     """Sorted flat ids [k] -> per image sorted token indices (1 + n_crops int64 arrays)."""
     t = layout.tokens_per_image
-    image = flat_ids // t
-    return [flat_ids[image == i] - i * t for i in range(layout.n_images)]
+    bounds = np.searchsorted(flat_ids, np.arange(layout.n_images + 1) * t)  # image i's ids: bounds[i]:bounds[i + 1]
+    return [flat_ids[bounds[i] : bounds[i + 1]] - i * t for i in range(layout.n_images)]
 
 
 def counts_plan(total: int, keep: list[np.ndarray], distribution: str = "spatial") -> BudgetPlan:
@@ -80,7 +85,8 @@ def select_hired(layout: AnyresLayout, early: np.ndarray, late: np.ndarray, cfg:
 
 def select_cls(layout: AnyresLayout, late: np.ndarray, kept: int, total: int) -> Selection:
     """Global top-`kept` by late-layer [CLS] attention late [n, 576] over all images' valid tokens."""
-    keep = split_flat(top_k(late.reshape(-1), kept, valid_candidates(layout)), layout)
+    flat = top_k_rows(late.reshape(1, -1), np.array([kept]), candidate_mask(layout).reshape(1, -1))[0]
+    keep = split_flat(flat, layout)
     return Selection(counts_plan(total, keep), keep)
 
 
@@ -120,12 +126,16 @@ def contextual_groups(features: np.ndarray, rest: np.ndarray, n_groups: int) -> 
     if not 1 <= n_groups <= r:
         raise ValueError(f"cannot form {n_groups} groups from {r} tokens")
     picks = np.arange(0, r, max(1, r // n_groups))[:n_groups]
-    x = features if features.dtype == np.float32 else features.astype(np.float32)
-    tf = x[rest[picks]]
+    tf = features[rest[picks]].astype(np.float32, copy=False)
     norms = np.linalg.norm(tf, axis=1)
     tf /= np.where(norms > 0, norms, 1.0)[:, None]
-    # all rows at once (no gather of the rest's features); |x| is the same for every target: no need to divide
-    labels = np.argmax((x @ tf.T)[rest], axis=1)
+    # |x| is the same for every target: no need to divide. float32 features: every row's product (reads them in
+    # place, no gather), then the rest's rows; other dtypes (fp16 bundles): only the rest's rows are converted
+    if features.dtype == np.float32:
+        sims = (features @ tf.T)[rest]
+    else:
+        sims = features[rest].astype(np.float32) @ tf.T
+    labels = np.argmax(sims, axis=1)
     labels[picks] = np.arange(n_groups)
     return labels.astype(np.int64)
 
@@ -142,20 +152,23 @@ def select_dominant_contextual(
     contextual groups of the remaining valid tokens by cosine similarity of features [n, 576, D]."""
     plan = plan_budget(layout, early[0], cfg)
     t = layout.tokens_per_image
+    shares = (plan.base, *plan.crops)
+    valid = candidate_mask(layout)
+    dominants = top_k_rows(late, np.array([dominant_count(share) for share in shares]), valid)
     keep, groups = [], {}
-    for i, share in enumerate((plan.base, *plan.crops)):
-        valid = np.arange(t) if i == 0 else np.flatnonzero(layout.valid_mask[i - 1])
-        dominant = top_k(late[i], dominant_count(share), valid)
+    for i, (share, dominant) in enumerate(zip(shares, dominants)):
         n_context = share - dominant.shape[0]
-        rest = np.setdiff1d(valid, dominant, assume_unique=True)  # sorted, raster order
+        is_rest = valid[i].copy()
+        is_rest[dominant] = False
+        rest = np.flatnonzero(is_rest)  # valid, not dominant: sorted, raster order
         slots = [dominant]
         if n_context:
             labels = contextual_groups(features[i], rest, n_context)
             by_group = rest[np.argsort(labels, kind="stable")] + i * t  # each group's members in raster order
             ends = np.cumsum(np.bincount(labels, minlength=n_context))
-            starts = ends - np.bincount(labels, minlength=n_context)
-            for members in np.split(by_group, ends[:-1]):  # the first member is the slot the merged token takes
-                groups[int(members[0])] = members
+            starts = np.concatenate([[0], ends[:-1]])
+            for start, end in zip(starts.tolist(), ends.tolist()):  # the first member is the merged token's slot
+                groups[int(by_group[start])] = by_group[start:end]
             slots.append(by_group[starts] - i * t)
         keep.append(np.sort(np.concatenate(slots)).astype(np.int64))
     return Selection(plan, keep, MappingProxyType(groups))
