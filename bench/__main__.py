@@ -381,9 +381,10 @@ def run(args: argparse.Namespace) -> dict:
     print(line + "\n")
     overhead = {"median_us": us, "calls": settings["overhead_calls"], "share_of_ttft": share}
     _say("timing every token selector alone (hired.selectors) ...")
-    per = selector_overheads_us(settings["overhead_calls"], grid_pinpoints=manifest.image_processor.grid_pinpoints)
+    per = selector_overheads_us(settings["overhead_calls"], grid_pinpoints=manifest.image_processor.grid_pinpoints,
+                                feature_dtype=manifest.model.dtype)  # the bundle's features: fp32 or fp16
     print("## Selection overhead per selector (plan + select + pack)\n")
-    print("\n".join(overhead_lines(per, settings["overhead_calls"])) + "\n")
+    print("\n".join(overhead_lines(per, settings["overhead_calls"], manifest.model.dtype)) + "\n")
     overhead["per_selector_us"] = per
     governor = None
     if settings["governor_images"]:

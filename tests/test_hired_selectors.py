@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hired import AnyresLayout, HiredConfig, pack_tokens, plan_budget, select_tokens
+from hired import AnyresLayout, HiredConfig, pack_tokens, plan_budget, select_tokens, top_k
+from hired.select import top_k_rows
 from hired.selectors import (
     SELECTORS,
     apply_selector,
@@ -161,3 +162,27 @@ def test_visionzip_without_features_is_refused():
     layout, early, late, _ = inputs(672, 672)
     with pytest.raises(ValueError, match="visionzip needs features"):
         apply_selector("visionzip", layout, early, late, HiredConfig())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_rows_is_top_k_on_every_row(seed):
+    """The all-rows-at-once top-k equals top_k row by row among each row's candidates: ties (few distinct
+    scores) to the lower index, k = 0, k = every candidate, rows with padding."""
+    rng = np.random.default_rng(seed)
+    n, m = 5, 576
+    scores = rng.integers(0, 4 if seed % 2 else 1000, size=(n, m)).astype(np.float32)
+    candidates = rng.random((n, m)) < (0.5 if seed % 3 else 1.0)
+    candidates[0] = True
+    counts = candidates.sum(axis=1)
+    ks = np.array([0, counts[1], *rng.integers(0, counts[2:] + 1)])
+    got = top_k_rows(scores, ks, candidates)
+    for i in range(n):
+        np.testing.assert_array_equal(got[i], top_k(scores[i], int(ks[i]), np.flatnonzero(candidates[i])))
+
+
+def test_contextual_groups_of_fp16_features_are_those_of_their_float32_values():
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((576, 64)).astype(np.float16)  # an fp16 bundle's vision graph gives fp16 features
+    rest = np.sort(rng.choice(576, 400, replace=False))
+    np.testing.assert_array_equal(contextual_groups(feats, rest, 30),
+                                  contextual_groups(feats.astype(np.float32), rest, 30))  # fmt: skip

@@ -9,6 +9,7 @@ import pytest
 from hired.selectors import SELECTORS
 from runtime.errors import BudgetError
 from runtime.pipeline import Trace
+from runtime.selection import one_blas_thread
 from tests.helpers import scene_array
 
 PROMPT = "What is in the picture?"
@@ -98,3 +99,24 @@ def test_the_kept_token_picture_outlines_merged_groups(pipe):
     # group outline colours appear only in the visionzip picture (the hired one has no merged tokens)
     red = np.all(picture == (230, 25, 75), axis=-1).sum()
     assert red > 0 and np.all(hired_picture == (230, 25, 75), axis=-1).sum() == 0
+
+
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_selection_runs_blas_on_one_thread_and_the_last_to_leave_restores_it():
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(2, user_api="blas"):  # the process's own setting, whatever the machine
+        before = blas_threads()
+        assert before and set(before) == {2}
+        first, second = one_blas_thread(), one_blas_thread()  # two requests' selections overlapping
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert set(blas_threads()) == {1}  # the other one still runs
+        second.__exit__(None, None, None)
+        assert blas_threads() == before
