@@ -15,9 +15,12 @@ After export (`rewrite_attention`, also run by the streaming route on its saved 
 - opset 23: each layer's Concat(past, new) + repeat_kv Expand + Attention becomes one com.microsoft
   GroupQueryAttention (`group_query_attention`): it reads the KV heads as they are and, with past_* and present_*
   bound to one buffer [b, kv, max_len, hd] (runtime/decoder.py), writes only the new positions in place. Its
-  mask is seqlens_k / total_sequence_length from attention_mask (ones: batch 1 or right padding). Residual Add +
-  RMSNormalization pairs become SkipSimplifiedLayerNormalization. The linear layers stay MatMul(x, W [in, out])
-  on initialisers (what export/quantize.py turns into MatMulNBits). The graph's metadata says
+  mask is seqlens_k / total_sequence_length from attention_mask (ones: batch 1 or right padding). Where the
+  exporter rotated q and k with RotaryEmbedding (float32 graphs) and the RoPE frequencies are static, rotary
+  moves inside it too (do_rotary=1, cos_cache / sin_cache as long as the model's context, position_ids), and
+  q, k, v become one projection on the concatenated weights feeding its packed `query` (`pack_qkv`). Residual
+  Add + RMSNormalization pairs become SkipSimplifiedLayerNormalization. The linear layers stay MatMul(x, W
+  [in, out]) on initialisers (what export/quantize.py turns into MatMulNBits). The graph's metadata says
   `hired_edge.kv_cache: shared-buffer`; needs onnxruntime >= 1.23 (the opset-23 ops) with the contrib ops.
 - a graph GroupQueryAttention cannot take (a sliding-window model, an attention of another form) keeps Concat
   and splits each masked Attention into ATTENTION_BLOCKS query blocks (`block_causal_attention`): block j
@@ -28,6 +31,7 @@ After export (`rewrite_attention`, also run by the streaming route on its saved 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +133,9 @@ def rewrite_attention(path: Path, text_config, blocks: int = ATTENTION_BLOCKS) -
     """Rewrite the attention of the saved decoder graph at `path`, in place; returns its KV-cache kind.
 
     GroupQueryAttention (SHARED) where `group_query_attention` matches every layer and the model has no sliding
-    window; else each masked Attention becomes `block_causal_attention` (CONCAT). Opset 18 graphs have no Attention
-    node: CONCAT, unchanged. External weights (`<path>.data`) are neither loaded nor rewritten.
+    window, then `pack_qkv`; else each masked Attention becomes `block_causal_attention` (CONCAT). Opset 18 graphs
+    have no Attention node: CONCAT, unchanged. External weights (`<path>.data`) are never rewritten: a packed
+    q/k/v weight there is the byte range its three parts already span (or the layer stays unpacked).
     """
     model = onnx.load(str(path), load_external_data=False)
     heads = int(text_config.num_attention_heads)
@@ -138,10 +143,12 @@ def rewrite_attention(path: Path, text_config, blocks: int = ATTENTION_BLOCKS) -
     kind = CONCAT
     if getattr(text_config, "sliding_window", None) is None:
         try:
-            group_query_attention(model, num_heads=heads, kv_heads=kv)
+            group_query_attention(model, num_heads=heads, kv_heads=kv, rope=_rope_context(text_config, path))
             kind = SHARED
         except NotMatched:
             pass
+        if kind == SHARED:
+            pack_qkv(model.graph, path.parent)
     if kind == CONCAT:
         block_causal_attention(model.graph, blocks)
         set_kv_cache(model, CONCAT)
@@ -231,7 +238,7 @@ class NotMatched(ValueError):
     """The exported attention does not have the shape group_query_attention knows; the graph is left unchanged."""
 
 
-def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: int) -> int:
+def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: int, rope: RopeContext | None = None) -> int:
     """Rewrite every Attention of an exported decoder into com.microsoft GroupQueryAttention, in place.
 
     Per layer the exporter writes  q, k, v = MatMul -> Reshape [b, s, h, hd] -> Transpose [b, h, s, hd]
@@ -242,6 +249,10 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
         GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length)
             -> [b, s, h*hd] (the old Reshape's output), present_key, present_value
     with seqlens_k = ReduceSum(attention_mask) - 1 and total_sequence_length = attention_mask's length (int32).
+    With `rope` (a static RoPE: see _rope_context) and q and k rotated by the exporter's RotaryEmbedding on
+    Cos/Sin(position_ids x inv_freq), rotary moves into GroupQueryAttention instead (`_rope_frequencies`, `_rotary_cache`): do_rotary=1,
+    cos_cache / sin_cache [max_positions, hd/2] initialisers computed from the graph's own inv_freq, and
+    position_ids as its position_ids input; the 2 x layers RotaryEmbedding nodes and the Cos/Sin go away.
     No node reads a past K/V input any more except GroupQueryAttention: bound to the same OrtValue as its
     present, it writes only the new positions (past_present_share_buffer); fed a past of length p it returns a
     present of p + s, as before. Causality and the key count come from seqlens_k: every attention_mask must be
@@ -338,27 +349,39 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
         onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{tag}_bs_1"),
     ])
     replaced = {}
+    caches: dict[str, list[str]] = {}  # inv_freq initialiser -> GroupQueryAttention's rotary inputs
+    inits = {t.name: t for t in graph.initializer}
     for i, (node, attrs, qkv, k_cat, v_cat, out) in enumerate(plans):
         new, names = [], []
+        rotary = None
+        (_, rot_q, _), (_, rot_k, _) = qkv[:2]
+        if rope is not None and rot_q is not None and rot_k is not None:
+            freq = _rope_frequencies(rot_q, producer, inits)
+            if freq is not None and freq == _rope_frequencies(rot_k, producer, inits):
+                if freq not in caches:
+                    caches[freq] = _rotary_cache(graph, inits[freq], rope, f"{tag}_rotary{len(caches) or ''}")
+                rotary = caches[freq]
         for (src, rot, generic), heads, x in zip(qkv, (num_heads, kv_heads, kv_heads), "qkv"):
             name = f"{tag}{i}_{x}"
             if generic:  # [b, h, s, hd] -> [b, s, h, hd] -> [b, s, h*hd]
                 new.append(helper.make_node("Transpose", [src], [f"{name}_t"], perm=[0, 2, 1, 3]))
                 new.append(helper.make_node("Reshape", [f"{name}_t", f"{tag}_bs_1"], [name]))
-            elif rot is not None:
+            elif rot is not None and rotary is None:
                 new.append(_rotary_3d(src, rot, heads, name))
             else:
                 name = src
             names.append(name)
         gqa = helper.make_node(
             "GroupQueryAttention",
-            [*names, k_cat.input[0], v_cat.input[0], f"{tag}_seqlens_k", f"{tag}_total"],
+            [*names, k_cat.input[0], v_cat.input[0], f"{tag}_seqlens_k", f"{tag}_total", *(rotary or [])],
             [out, k_cat.output[0], v_cat.output[0]],
             name=f"{tag}{i}",
             domain="com.microsoft",
             num_heads=num_heads,
             kv_num_heads=kv_heads,
         )
+        if rotary:
+            gqa.attribute.extend([helper.make_attribute("do_rotary", 1), helper.make_attribute("rotary_interleaved", 0)])
         if attrs.get("scale") is not None:
             gqa.attribute.append(helper.make_attribute("scale", float(attrs["scale"])))
         new.append(gqa)
@@ -378,6 +401,182 @@ def group_query_attention(model: onnx.ModelProto, *, num_heads: int, kv_heads: i
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     set_kv_cache(model, SHARED)
     return len(plans)
+
+
+STATIC_ROPE = ("default", "linear", "llama3")  # rope types whose inv_freq does not depend on the sequence length
+
+
+@dataclass(frozen=True)
+class RopeContext:
+    """What `_rotary_cache` needs besides the graph: the cache length and where external initialisers live."""
+
+    max_positions: int  # rows of cos_cache / sin_cache: the model's context (the manifest's max_position_embeddings)
+    base_dir: Path  # folder of the graph file (its external data, if any)
+
+
+def _rope_context(text_config, path: Path) -> RopeContext | None:
+    """A RopeContext for a model whose RoPE frequencies are fixed (STATIC_ROPE), else None (rotary stays outside)."""
+    params = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if kind not in STATIC_ROPE or not limit:
+        return None
+    return RopeContext(int(limit), path.parent)
+
+
+def _rope_frequencies(rot: onnx.NodeProto, producer: dict, inits: dict) -> str | None:
+    """The inv_freq initialiser of RotaryEmbedding `rot` when its cos / sin are
+    Cos / Sin(Cast<float>(Unsqueeze(position_ids, -1)) x inv_freq) (1-D float) and it rotates whole heads, else None."""
+    def attrs(node):
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    if rot.domain not in ("", "ai.onnx") or len(rot.input) != 3:
+        return None
+    if attrs(rot).get("interleaved", 0) or attrs(rot).get("rotary_embedding_dim", 0):
+        return None
+    cos, sin = producer.get(rot.input[1]), producer.get(rot.input[2])
+    if cos is None or sin is None or (cos.op_type, sin.op_type) != ("Cos", "Sin"):
+        return None
+    freqs = set()
+    for trig in (cos, sin):
+        mul = producer.get(trig.input[0])
+        if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+            return None
+        freq = next((i for i in mul.input if i in inits), None)
+        cast = producer.get(next((i for i in mul.input if i != freq), ""))
+        if freq is None or len(inits[freq].dims) != 1 or inits[freq].data_type != TensorProto.FLOAT:
+            return None
+        if cast is None or cast.op_type != "Cast" or attrs(cast).get("to") != TensorProto.FLOAT:
+            return None
+        unsq = producer.get(cast.input[0])
+        if unsq is None or unsq.op_type != "Unsqueeze" or unsq.input[0] != DECODER_INPUTS[2] or len(unsq.input) != 2:
+            return None
+        axes = inits.get(unsq.input[1])
+        if axes is None or onnx.numpy_helper.to_array(axes).tolist() not in ([-1], [2]):
+            return None
+        freqs.add(freq)
+    return freqs.pop() if len(freqs) == 1 else None
+
+
+def _rotary_cache(graph: onnx.GraphProto, freq: onnx.TensorProto, rope: RopeContext, tag: str) -> list[str]:
+    """GroupQueryAttention's rotary inputs [cos_cache, sin_cache, position_ids] for inv_freq initialiser `freq`:
+    adds the two caches [rope.max_positions, hd/2] (float32, the graph's own arithmetic: float(position) x
+    inv_freq, then cos / sin)."""
+    inv = onnx.numpy_helper.to_array(freq, base_dir=str(rope.base_dir)).astype(np.float32)
+    angles = np.arange(rope.max_positions, dtype=np.float32)[:, None] * inv[None, :]
+    names = [f"{tag}_cos_cache", f"{tag}_sin_cache"]
+    graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.cos(angles).astype(np.float32), names[0]),
+        onnx.numpy_helper.from_array(np.sin(angles).astype(np.float32), names[1]),
+    ])
+    return [*names, DECODER_INPUTS[2]]
+
+
+def pack_qkv(graph: onnx.GraphProto, base_dir: Path) -> int:
+    """Each GroupQueryAttention reading q, k, v from three projections of one input becomes one projection on the
+    concatenated weights, its output the packed `query` (key and value empty), in place. Returns the layers packed.
+
+    Projections: MatMul(x, W [K, N]) (in-memory route), MatMul(x, Transpose(W [N, K])) (streaming route, float)
+    or MatMulNBits(x, Q, scales, zero_points) (streaming route, quantized while written). The packed weight is a new
+    initialiser when the three are stored in the graph; for external data it is the byte range the three span when
+    they lie back to back in one file in q, k, v order and concatenate on their first axis (the streaming writer
+    writes them so); otherwise that layer stays unpacked. Weights nothing else reads are dropped.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in graph.output}
+    added, packed = [], 0
+    for gqa in graph.node:
+        if gqa.op_type != "GroupQueryAttention" or len(gqa.input) < 3 or not gqa.input[1] or not gqa.input[2]:
+            continue
+        mms = [producer.get(x) for x in gqa.input[:3]]
+        if any(m is None for m in mms) or len({(m.op_type, m.domain, m.input[0]) for m in mms}) != 1:
+            continue
+        if any(readers.get(m.output[0], 0) != 1 or m.output[0] in outputs for m in mms):
+            continue
+        plan = _pack_plan(mms, producer, inits, readers)
+        if plan is None:
+            continue
+        parts, axes, write = plan
+        tensors = [_concat([inits[n] for n in names], axis, f"{gqa.name}_qkv_{j}", base_dir)
+                   for j, (names, axis) in enumerate(zip(parts, axes))]
+        if any(t is None for t in tensors):
+            continue
+        added.extend(tensors)
+        write([t.name for t in tensors])
+        mms[0].output[0] = f"{gqa.name}_qkv"
+        gqa.input[0], gqa.input[1], gqa.input[2] = f"{gqa.name}_qkv", "", ""
+        packed += 1
+    graph.initializer.extend(added)
+    prune_dead_nodes(graph)
+    return packed
+
+
+def _pack_plan(mms, producer, inits, readers):
+    """(initialiser names per packed input [q, k, v], concat axis per input, setter of mms[0]'s new inputs) or None."""
+    def attrs(node):
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    first = mms[0]
+    if first.op_type == "MatMulNBits" and first.domain == "com.microsoft":
+        a = [attrs(m) for m in mms]
+        if any(len(m.input) != 4 for m in mms) or any({k: v for k, v in x.items() if k != "N"} !=
+                                                      {k: v for k, v in a[0].items() if k != "N"} for x in a):
+            return None
+        parts = [[m.input[j] for m in mms] for j in (1, 2, 3)]
+        if any(n not in inits or readers.get(n, 0) != 1 for names in parts for n in names):
+            return None
+
+        def write(names):
+            first.input[1], first.input[2], first.input[3] = names
+            for att in first.attribute:
+                if att.name == "N":
+                    att.i = sum(int(x["N"]) for x in a)
+        return parts, (0, 0, 0), write
+    if first.op_type != "MatMul" or first.domain not in ("", "ai.onnx"):
+        return None
+    weights = [m.input[1] for m in mms]
+    if all(w in inits and len(inits[w].dims) == 2 and readers.get(w, 0) == 1 for w in weights):
+        def write(names):
+            first.input[1] = names[0]
+        return [weights], (1,), write
+    flips = [producer.get(w) for w in weights]
+    if any(t is None or t.op_type != "Transpose" or attrs(t).get("perm") != [1, 0] or readers.get(w, 0) != 1
+           for t, w in zip(flips, weights)):
+        return None
+    stored = [t.input[0] for t in flips]
+    if not all(w in inits and len(inits[w].dims) == 2 and readers.get(w, 0) == 1 for w in stored):
+        return None
+
+    def write(names):
+        flips[0].input[0] = names[0]
+    return [stored], (0,), write
+
+
+def _concat(tensors: list, axis: int, name: str, base_dir: Path):
+    """`tensors` concatenated on `axis` as one initialiser `name`, or None when that would copy external data."""
+    if len({(t.data_type, tuple(d for i, d in enumerate(t.dims) if i != axis)) for t in tensors}) != 1:
+        return None
+    if all(t.data_location != TensorProto.EXTERNAL for t in tensors):
+        return onnx.numpy_helper.from_array(np.concatenate([onnx.numpy_helper.to_array(t) for t in tensors], axis), name)
+    if axis != 0 or any(t.data_location != TensorProto.EXTERNAL for t in tensors):
+        return None
+    ext = [{e.key: e.value for e in t.external_data} for t in tensors]
+    if len({e.get("location") for e in ext}) != 1 or any("offset" not in e or "length" not in e for e in ext):
+        return None
+    for a, b in zip(ext, ext[1:]):
+        if int(a["offset"]) + int(a["length"]) != int(b["offset"]):
+            return None
+    out = TensorProto(name=name, data_type=tensors[0].data_type, data_location=TensorProto.EXTERNAL)
+    out.dims.extend([sum(t.dims[0] for t in tensors), *tensors[0].dims[1:]])
+    for key, value in (("location", ext[0]["location"]), ("offset", ext[0]["offset"]),
+                       ("length", str(sum(int(e["length"]) for e in ext)))):
+        out.external_data.add(key=key, value=value)
+    return out
 
 
 def fuse_residual_norms(graph: onnx.GraphProto) -> int:

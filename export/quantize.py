@@ -242,7 +242,8 @@ def plan_streaming(model, specs: list, method: str, block_size: int = DEFAULT_BL
     three new data-less initialisers. Returns (specs, transform) for write_graph: the float weight's entry now
     points at the packed initialiser, and transform(spec, values) quantizes the drawn float values into it; two
     entries after it (kind "zeros", so drawing them costs nothing) receive the scales and zero points computed
-    then. So one float weight at a time is in memory, never the model.
+    then (a run of consecutive weights writes its packed weights first, then their scales, then their zero
+    points: only their scales and zero points wait in memory).
     """
     import onnx_ir as ir
     from onnx_ir.convenience import replace_nodes_and_values
@@ -309,18 +310,29 @@ def plan_streaming(model, specs: list, method: str, block_size: int = DEFAULT_BL
         parts[f"{spec.name}#zero_points"] = (spec.name, "zero_points")
     if replaced:
         model.opset_imports[MS_DOMAIN] = 1
-    out_specs = [entry for v, spec in specs for entry in replaced.get(id(v), [(v, spec)])]
+    # Consecutive quantized weights (a layer's q, k, v, ...) are written as all their packed weights, then all
+    # their scales, then all their zero points: so q, k and v each lie back to back, and export.decoder.pack_qkv
+    # packs them into one MatMulNBits without copying any data.
+    out_specs, run = [], []
+    for v, spec in [*specs, (None, None)]:
+        if v is not None and id(v) in replaced:
+            run.append(replaced[id(v)])
+            continue
+        out_specs += [parts_[j] for j in range(3) for parts_ in run]
+        run = []
+        if v is not None:
+            out_specs.append((v, spec))
     targets = {pending[wid][1].name: wid in flipped for wid in replaced}  # float spec name -> stored [N, K]
-    done: dict[str, QuantizedWeight] = {}
+    done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # float spec name -> (scales, zero points)
 
     def transform(spec, values: np.ndarray) -> np.ndarray:
         if spec.name in targets:
             q = quantize_weight(values.T if targets[spec.name] else values, bits, block_size)
-            done[spec.name] = q
+            done[spec.name] = (q.scales, q.zero_points)  # kept until written; the packed weight is written now
             return q.packed
         if spec.name in parts:
             base, part = parts[spec.name]
-            return done[base].scales if part == "scales" else done.pop(base).zero_points
+            return done[base][0] if part == "scales" else done.pop(base)[1]
         return values
 
     return out_specs, transform

@@ -178,7 +178,9 @@ def write_traced(
 
     The decoder's linear weights are quantized one by one as they are written (`quant` "int8"/"int4",
     export.quantize.plan_streaming), then its saved graph gets the attention rewrite of the in-memory route
-    (export.decoder.rewrite_attention: GroupQueryAttention on a shared KV buffer; weights untouched) and is re-hashed.
+    (export.decoder.rewrite_attention: GroupQueryAttention on a shared KV buffer, rotary inside it, q/k/v packed
+    into one projection whose weight is the byte range the three were written to, back to back; the data file
+    is not rewritten) and is re-hashed.
     """
     hook = transform
     if graph == "decoder" and quant != "none":

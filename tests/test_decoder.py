@@ -56,19 +56,30 @@ def test_only_group_query_attention_reads_the_past(manifest):
         assert list(node.output[1:3]) == [f"present.{i}.key", f"present.{i}.value"]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert (attrs["num_heads"], attrs["kv_num_heads"]) == (4, manifest.text.num_kv_heads)
+        # packed q/k/v in `query`; rotary inside, from cos/sin caches as long as the context, at position_ids
+        assert node.input[1] == node.input[2] == "" and attrs["do_rotary"] == 1
+        cos = next(t for t in graph.graph.initializer if t.name == node.input[7])
+        assert list(cos.dims) == [manifest.text.max_position_embeddings, manifest.text.head_dim // 2]
+        assert node.input[9] == "position_ids"
     ops = {n.op_type for n in graph.graph.node}
     assert not ops & {"Attention", "Expand", "Concat", "If"}  # no concatenated cache, no repeat_kv, no mask blocks
+    assert not ops & {"RotaryEmbedding", "Cos", "Sin"}
     assert {p.key: p.value for p in graph.metadata_props}[KV_CACHE_KEY] == SHARED
 
 
 def test_linear_layers_stay_plain_matmuls_on_weight_initialisers(manifest):
-    """What a weight-only quantizer turns into MatMulNBits: MatMul(x, W) with W an [in, out] initialiser."""
+    """What a weight-only quantizer turns into MatMulNBits: MatMul(x, W) with W an [in, out] initialiser; q, k and v
+    are one MatMul on their concatenated weights, whose output is GroupQueryAttention's packed query."""
     graph = onnx.load(str(manifest.path("decoder")), load_external_data=False).graph
     weights = {t.name: list(t.dims) for t in graph.initializer}
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-    assert len(matmuls) == 7 * manifest.text.num_layers + 1  # q, k, v, o, gate, up, down per layer; lm_head
+    assert len(matmuls) == 5 * manifest.text.num_layers + 1  # qkv, o, gate, up, down per layer; lm_head
     assert all(len(weights.get(n.input[1], [])) == 2 for n in matmuls)
     assert weights[matmuls[-1].input[1]] == [manifest.text.hidden_size, manifest.text.vocab_size]
+    t = manifest.text
+    queries = {n.input[0] for n in graph.node if n.op_type == "GroupQueryAttention"}
+    packed = [weights[n.input[1]] for n in matmuls if n.output[0] in queries]
+    assert packed == [[t.hidden_size, (4 + 2 * t.num_kv_heads) * t.head_dim]] * t.num_layers  # tiny: 4 heads
 
 
 def test_a_graph_without_attention_keeps_the_concat_form(tmp_path):
@@ -320,6 +331,12 @@ def test_a_streamed_decoder_reads_its_cache_in_place_and_equals_its_torch_twin(t
     graph = onnx.load(str(path), load_external_data=False)
     assert reads_past_in_place(graph)
     assert sum(n.op_type == "GroupQueryAttention" for n in graph.graph.node) == 1
+    gqa = next(n for n in graph.graph.node if n.op_type == "GroupQueryAttention")
+    if dtype == "fp32":  # the in-memory route's form: packed q/k/v (one byte range of the data file), rotary inside
+        qkv = next(n for n in graph.graph.node if gqa.input[0] in n.output)
+        assert qkv.op_type == ("MatMul" if quant == "none" else "MatMulNBits") and gqa.input[1] == gqa.input[2] == ""
+        assert {a.name: helper.get_attribute_value(a) for a in gqa.attribute}["do_rotary"] == 1
+        assert not {n.op_type for n in graph.graph.node} & {"RotaryEmbedding", "Cos", "Sin"}
     x = np.random.default_rng(0).standard_normal((24, config.text_config.hidden_size)).astype(np.float32) * 0.5
     text = config.text_config
     got = run_bound(path, x, text.num_key_value_heads, text.head_dim, split=20)

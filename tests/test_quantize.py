@@ -222,7 +222,12 @@ def test_streaming_route_writes_an_int4_bundle_that_generates(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["quant"] == {"method": "int4", "block_size": 32, "accuracy_level": 4}
     ops, weight_matmuls = _decoder_ops(tmp_path)
-    assert ops.get("MatMulNBits") == 15 and weight_matmuls == 0
+    # tiny: 2 layers x (packed qkv, o, gate, up, down) + lm_head, as the in-memory route quantizes it
+    assert ops.get("MatMulNBits") == 11 and weight_matmuls == 0
+    graph = onnx.load(str(tmp_path / "decoder.onnx"), load_external_data=False).graph
+    nbits = {n.output[0]: n for n in graph.node if n.op_type == "MatMulNBits"}
+    queries = [nbits.get(n.input[0]) for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert [helper.get_attribute_value(next(a for a in q.attribute if a.name == "N")) for q in queries] == [256] * 2
     model = onnx.load(str(tmp_path / "decoder.onnx"))
     packed = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_Q4")}
     head = next(v for k, v in packed.items() if "head" in k)
@@ -281,8 +286,8 @@ def test_quantized_tiny_bundles_load_and_generate(method, fixture, request, tiny
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["quant"] == {"method": method, "block_size": 32, "accuracy_level": 4}
     ops, weight_matmuls = _decoder_ops(bundle)
-    # tiny: 2 layers x (q, k, v, o, gate, up, down) + lm_head
-    assert ops.get("MatMulNBits") == 15 and weight_matmuls == 0
+    # tiny: 2 layers x (packed qkv, o, gate, up, down) + lm_head
+    assert ops.get("MatMulNBits") == 11 and weight_matmuls == 0
     float_manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     for part in ("vision", "projector", "embed_tokens"):  # only the decoder is quantized
         assert manifest["sha256"][part] == float_manifest["sha256"][part]
