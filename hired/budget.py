@@ -20,6 +20,7 @@ An image of one partition (LLaVA-1.5, n = 1) keeps T = int(576 * rate) tokens un
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -103,8 +104,10 @@ def largest_remainder(shares: list[Fraction]) -> list[int]:
     Ties go to the lower index.
     """
     floors = [s.numerator // s.denominator for s in shares]
-    missing = int(sum(shares)) - sum(floors)
-    by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - floors[i]), i))
+    common = math.lcm(*(s.denominator for s in shares))  # remainder i = remainders[i] / common, exactly
+    remainders = [s.numerator % s.denominator * (common // s.denominator) for s in shares]
+    missing = sum(remainders) // common
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-remainders[i], i))
     for i in by_remainder[:missing]:
         floors[i] += 1
     return floors
