@@ -28,6 +28,19 @@ def check_indices(image: int, indices: np.ndarray, tokens: int) -> None:
         raise ValueError(f"keep[{image}] must be sorted ascending without repeats")
 
 
+def flat_ids(arrays: list[np.ndarray], tokens: int) -> np.ndarray | None:
+    """int64 [sum of sizes]: image * tokens + index for every index of arrays[image], or None unless every array
+    passes check_indices. All images at once: the flat ids are strictly ascending and each in its own image's range
+    exactly when every array is sorted, without repeats and in [0, tokens)."""
+    if not all(a.ndim == 1 and (a.dtype.kind in "iu" or not a.size) for a in arrays):
+        return None
+    flat = np.concatenate([a.astype(np.int64) + image * tokens for image, a in enumerate(arrays)])
+    owner = np.repeat(np.arange(len(arrays)), [a.size for a in arrays])
+    if np.any(flat // tokens != owner) or np.any(np.diff(flat) <= 0):
+        return None
+    return flat
+
+
 def kept_flags(keep: list[np.ndarray], layout: AnyresLayout) -> np.ndarray:
     """bool [n_images * 576]: True at image_index * 576 + token for each kept token; checks `keep`."""
     tokens = layout.tokens_per_image
@@ -37,13 +50,8 @@ def kept_flags(keep: list[np.ndarray], layout: AnyresLayout) -> np.ndarray:
             f"got {len(keep)}"
         )
     arrays = [np.asarray(indices) for indices in keep]
-    # all images at once: the flat ids image * 576 + token are strictly ascending and each in its image's range
-    # exactly when every keep[image] is sorted, unique and in [0, 576); else check_indices names the first bad one
-    integral = all(a.ndim == 1 and (a.dtype.kind in "iu" or not a.size) for a in arrays)
-    if integral:
-        flat = np.concatenate([a.astype(np.int64) + image * tokens for image, a in enumerate(arrays)])
-        owner = np.repeat(np.arange(len(arrays)), [a.size for a in arrays])
-    if not integral or np.any(flat // tokens != owner) or np.any(np.diff(flat) <= 0):
+    flat = flat_ids(arrays, tokens)
+    if flat is None:  # name the first bad array
         for image, indices in enumerate(arrays):
             check_indices(image, indices, tokens)
     flags = np.zeros(layout.n_images * tokens, dtype=bool)
