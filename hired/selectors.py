@@ -167,9 +167,10 @@ def select_dominant_contextual(
             by_group = rest[np.argsort(labels, kind="stable")] + i * t  # each group's members in raster order
             ends = np.cumsum(np.bincount(labels, minlength=n_context))
             starts = np.concatenate([[0], ends[:-1]])
-            for start, end in zip(starts.tolist(), ends.tolist()):  # the first member is the merged token's slot
-                groups[int(by_group[start])] = by_group[start:end]
-            slots.append(by_group[starts] - i * t)
+            firsts = by_group[starts]  # a group's first member is the slot its merged token takes
+            for slot, start, end in zip(firsts.tolist(), starts.tolist(), ends.tolist()):
+                groups[slot] = by_group[start:end]
+            slots.append(firsts - i * t)
         keep.append(np.sort(np.concatenate(slots)).astype(np.int64))
     return Selection(plan, keep, MappingProxyType(groups))
 
