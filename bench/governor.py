@@ -52,9 +52,23 @@ def picture(width: int, height: int, seed: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+def monotone(values: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence nearest `values` in least squares (pool adjacent violators): TTFT grows with the
+    rate, so a dip measured at a higher rate is noise, and taking it at face value would credit hindsight with a
+    rate its own lower neighbour missed."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return [m for m, c in blocks for _ in range(int(c))]
+
+
 def best_rate(ttfts: Sequence[float], target: float, grid: Sequence[float] = GRID) -> float:
-    """The largest rate whose TTFT meets `target`, from TTFTs measured at `grid` (ascending): the last grid rate
-    within it, then linear toward the next one; the lowest grid rate when none is."""
+    """The largest rate whose TTFT meets `target`, from TTFTs measured at `grid` (ascending), made monotone first:
+    the last grid rate within it, then linear toward the next one; the lowest grid rate when none is."""
+    ttfts = monotone(ttfts)
     k = max((i for i, t in enumerate(ttfts) if t <= target), default=None)
     if k is None:
         return float(grid[0])
@@ -94,9 +108,11 @@ def governor_section(bundle: str | os.PathLike, *, images: int = 20, provider: s
                     r = g.generate(f, PROMPT, budget="auto", target_ttft_ms=target, max_new_tokens=1)
                     row = [ttft_ms(h.generate(f, PROMPT, budget=rate, max_new_tokens=1)) for rate in GRID]
                     table.append(row)
+                    check = g.governor.last_check or {}  # the model's stage times for this request, before it learnt
                     runs.append({"size": list(f.shape[1::-1]), "rate": r.budget["rate"], "ttft_ms": ttft_ms(r),
-                                 "predicted_ms": r.budget["predicted_ttft_ms"],
-                                 "best_rate": best_rate(row, target)})  # fmt: skip
+                                 "predicted_ms": r.budget["predicted_ttft_ms"], "best_rate": best_rate(row, target),
+                                 "partitions": len(r.visual_tokens["per_image"]), "k": check.get("k"),
+                                 "model_ms": check.get("model"), "measured_ms": check.get("measured")})  # fmt: skip
         finally:
             if old is None:
                 os.environ.pop("XDG_CACHE_HOME", None)
@@ -107,9 +123,13 @@ def governor_section(bundle: str | os.PathLike, *, images: int = 20, provider: s
     within = float(np.mean([r["ttft_ms"] <= WITHIN * target for r in runs]))
     chosen, best = float(np.mean([r["rate"] for r in runs])), float(np.mean([r["best_rate"] for r in runs]))
     error = float(np.mean([abs(r["ttft_ms"] - r["predicted_ms"]) for r in runs]))
+    bias = float(np.median([r["ttft_ms"] / r["predicted_ms"] - 1 for r in runs]))
+    stages = {k: float(np.median([r["measured_ms"][k] / max(r["model_ms"][k], 1e-9) for r in runs if r["model_ms"]]))
+              for k in ("vision", "projector", "prefill")} if any(r["model_ms"] for r in runs) else {}  # fmt: skip
     return {"images": images, "grid": list(GRID), "target_ms": target, "ttft_ms_at_0.1": low, "ttft_ms_at_1.0": high,
             "within_1.1x": within, "mean_rate": chosen, "mean_best_rate": best, "rate_ratio": chosen / best,
-            "mean_abs_prediction_error_ms": error, "calibration_s": calibration_s, "runs": runs,
+            "mean_abs_prediction_error_ms": error, "median_prediction_bias": bias,
+            "median_stage_ratio": stages, "calibration_s": calibration_s, "runs": runs,
             "hindsight_ttft_ms": table}  # fmt: skip
 
 
@@ -125,7 +145,9 @@ def section_lines(g: dict, model: str) -> list[str]:
         f"- within 1.1x the target: {g['within_1.1x']:.0%} of requests (target >= 90%: {met})",
         f"- mean chosen rate {g['mean_rate']:.3f} vs best in hindsight {g['mean_best_rate']:.3f}: "
         f"{g['rate_ratio']:.2f}x (target >= 0.9x: {ratio_met})",
-        f"- mean |measured - predicted| TTFT: {g['mean_abs_prediction_error_ms']:,.0f} ms",
+        f"- mean |measured - predicted| TTFT: {g['mean_abs_prediction_error_ms']:,.0f} ms (median measured / "
+        f"predicted - 1: {g['median_prediction_bias']:+.1%}; the model before its safety factor, median measured / "
+        f"model per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in g["median_stage_ratio"].items()) + ")",
     ]
 
 
@@ -140,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     g = governor_section(args.artifacts, images=args.images, provider=args.provider, threads=args.threads,
                          log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     print("\n".join(section_lines(g, Path(args.artifacts).name)))
-    for r in g["runs"]:
-        print(f"  {r['size'][0]}x{r['size'][1]}: rate {r['rate']:.3f} (best {r['best_rate']:.3f}), TTFT "
-              f"{r['ttft_ms']:,.0f} ms, predicted {r['predicted_ms']:,.0f} ms")  # fmt: skip
+    for i, r in enumerate(g["runs"]):
+        print(f"  {r['size'][0]}x{r['size'][1]} ({r['partitions']} partitions): rate {r['rate']:.3f} (best "
+              f"{r['best_rate']:.3f}), TTFT {r['ttft_ms']:,.0f} ms, predicted {r['predicted_ms']:,.0f} ms, k "
+              f"{r['k'] or 0:.2f}; hindsight " + " ".join(f"{t:,.0f}" for t in g["hindsight_ttft_ms"][i]))  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(g, indent=1) + "\n")
     return 0

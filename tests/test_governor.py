@@ -1,5 +1,6 @@
-"""budget="auto": the governor's choice (largest rate predicted to meet the target, monotone in the target),
-lazy calibration, the result's fields, the calibration cache and bad input."""
+"""budget="auto": the governor's choice (largest rate predicted to meet the target, monotone in the target, within
+the context), its self-calibrating safety factor and robust fits, lazy calibration, the result's fields, the
+calibration cache and bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from hired import AnyresLayout, HiredConfig
 from runtime.errors import BudgetError, HiredError
-from runtime.governor import Governor, fit_increasing, visual_span
+from runtime.governor import CACHE_FORMAT, RATIO_WINDOW, Governor, fit_increasing, visual_span
 from runtime.options import RequestOptions
 from runtime.pipeline import Pipeline
 from tests.helpers import scene_array
@@ -31,14 +32,18 @@ def cache_home(tmp_path, monkeypatch):
     return tmp_path / "cache" / "hired-edge" / "governor"
 
 
-def synthetic(manifest, folder) -> Governor:
-    """A governor fed made-up measurements: vision 100 ms per 5 partitions, prefill 0.2 L + 1e-4 L^2 ms."""
+def synthetic_ms(span: int, text: int = 20, slow: float = 1.0) -> dict[str, float]:
+    """Made-up stage times (s) of a 5-partition request: vision 100 ms, prefill 0.2 L + 1e-4 L^2 ms, x `slow`."""
+    length = span + text
+    return {"preprocess": 0.01, "vision": 0.1 * slow, "select": 0.001 * slow, "projector": span * 1e-6 * slow,
+            "prefill": slow * (0.2 * length + 1e-4 * length**2) / 1000}  # fmt: skip
+
+
+def synthetic(manifest, folder, spans=(150, 600, 1500, 2928) * 3) -> Governor:
+    """A governor fed synthetic_ms at `spans` (each ratio it keeps is then about 1, so its safety factor is)."""
     gov = Governor(manifest, "cpu", min_budget=0.05, folder=folder)
-    for span in (150, 600, 1500, 2928):
-        length = span + 20
-        gov.observe(n_images=5, span=span, prompt_tokens=length,
-                    timings_s={"preprocess": 0.01, "vision": 0.1, "select": 0.001, "projector": span * 1e-6,
-                               "prefill": (0.2 * length + 1e-4 * length**2) / 1000})  # fmt: skip
+    for span in spans:
+        gov.observe(n_images=5, span=span, prompt_tokens=span + 20, timings_s=synthetic_ms(span))
     return gov
 
 
@@ -69,6 +74,46 @@ def test_prediction_follows_the_measurements(pipe, tmp_path):
     expected = 10 + 100 + 1 + span * 1e-3 + 0.2 * length + 1e-4 * length**2
     got = gov.predict_ms(layout, HiredConfig(), 20, np.array([0.2]))[0]
     assert got == pytest.approx(expected, rel=0.02)
+
+
+def test_the_safety_factor_follows_a_slower_machine_and_shrugs_off_one_spike(pipe, tmp_path):
+    gov = synthetic(pipe.manifest, tmp_path)
+    assert gov.safety == pytest.approx(1.0, abs=0.01)
+    layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
+    target = float(gov.predict_ms(layout, HiredConfig(), 20, np.array([0.5]))[0])
+    assert gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=target).rate == pytest.approx(0.5, abs=0.006)
+    spans = [150, 600, 1500, 2928, 900, 300] * 2
+    gov.observe(n_images=5, span=900, prompt_tokens=920, timings_s=synthetic_ms(900, slow=5.0))  # one burst of load
+    assert gov.safety == pytest.approx(1.0, abs=0.02)
+    for span in spans:  # the machine now takes 1.3x as long for everything
+        gov.observe(n_images=5, span=span, prompt_tokens=span + 20, timings_s=synthetic_ms(span, slow=1.3))
+    assert len(gov.ratios) == RATIO_WINDOW and gov.safety > 1.05  # the fits lag the change: k makes up the rest
+    slower = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=target)
+    assert slower.rate < 0.45 and slower.predicted_ms <= target
+    # what it predicts now is what the slower machine measures at that rate
+    span = visual_span(layout, HiredConfig(), slower.rate)
+    measured = 1000 * sum(synthetic_ms(span, slow=1.3).values())
+    assert slower.predicted_ms == pytest.approx(measured, rel=0.1)
+
+
+def test_a_robust_fit_ignores_an_outlier():
+    points = [(float(x), 0.2 * x + 1e-4 * x * x) for x in range(100, 3000, 200)]
+    points[7] = (points[7][0], 10 * points[7][1])  # one request slowed by a burst of load
+    coef = fit_increasing(points, 2, 4000)
+    for x, y in points[:7] + points[8:]:
+        assert np.polyval(coef, x) == pytest.approx(y, rel=0.03)
+
+
+def test_the_choice_keeps_the_prompt_within_the_context(pipe, tmp_path):
+    gov = synthetic(pipe.manifest, tmp_path)
+    layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
+    free = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=1e9)
+    assert free.rate == 1.0 and not free.capped
+    capped = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=1e9, max_prompt=1000)
+    assert capped.capped and capped.reachable and 20 + visual_span(layout, HiredConfig(), capped.rate) <= 1000
+    assert 20 + visual_span(layout, HiredConfig(), capped.rate + 0.005) > 1000
+    slow = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=1.0, max_prompt=1000)
+    assert slow.rate == 0.05 and not slow.reachable and not slow.capped
 
 
 def test_an_increasing_fit_never_has_a_falling_slope():
@@ -123,14 +168,17 @@ def test_auto_calibrates_lazily_reports_its_choice_and_caches_the_model(tiny_bun
     files = list(cache_home.glob("*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert data["vision"] and len(data["prefill"]) >= 4
+    lengths = [x for x, _ in data["prefill"]]
+    assert data["vision"] and len(lengths) >= 6
+    assert min(lengths) < 100 and max(lengths) > 2300  # calibrated from the prompt alone to the stock span (2,340)
     with Pipeline.load(tiny_bundle) as again:  # the cache makes a new Pipeline ready at once
         assert again.governor.calibrated
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "hired-edge-governor/1", "bundle": "other",
-                                                                "provider": "CPUExecutionProvider"})])  # fmt: skip
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": CACHE_FORMAT, "bundle": "other",
+                                                                "provider": "CPUExecutionProvider"}),
+                                     json.dumps({"format": "hired-edge-governor/1"})])  # fmt: skip
 def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tiny_bundle, cache_home, caplog, content):
     with Pipeline.load(tiny_bundle) as p:
         path = p.governor.path
@@ -144,6 +192,18 @@ def test_a_corrupt_or_foreign_cache_is_ignored_with_one_warning_and_rebuilt(tiny
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "ignoring the latency cache" in warnings[0] and "\n" not in warnings[0]
     assert json.loads(path.read_text())["bundle"] != "other"  # rebuilt
+
+
+def test_auto_caps_the_rate_so_that_max_new_tokens_fit_the_context(tiny_bundle, cache_home):
+    image = scene_array(800, 600)  # 5 partitions: 2,340 visual tokens at 1.0
+    with Pipeline.load(tiny_bundle, max_context=1500) as p:
+        r = p.generate(image, "What is it?", budget="auto", target_ttft_ms=1e6, max_new_tokens=8)
+        b = r.budget
+        assert 0.05 < b["rate"] < 1.0 and "capped" in b["note"] and "1500-token context" in b["note"]
+        assert b["predicted_ttft_ms"] <= 1e6 and len(r.token_ids) >= 1
+        at_next = p.hired_config(budget=min(1.0, b["rate"] + 0.005))
+        with pytest.raises(HiredError, match="exceeds the 1500-token context"):
+            p.generate(image, "What is it?", budget=at_next.rate, max_new_tokens=8)
 
 
 def test_text_only_auto_request_has_no_visual_tokens_to_trade(pipe):
