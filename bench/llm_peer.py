@@ -28,7 +28,6 @@ import argparse
 import inspect
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -162,10 +161,13 @@ def prefill_lengths(bundle: Path, side: int = IMAGE_SIDE, budgets=BUDGETS, promp
 
 
 # ----------------------------------------------------------------------------------------------- one run
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak (VmHWM) in MiB. The peak is read here, not from
+    getrusage: Linux keeps ru_maxrss across execve, so a child started by a parent that once held 1 GiB (e.g. while
+    quantizing a bundle in-process) would report the parent's peak."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -241,7 +243,7 @@ def child(engine: str, folder: Path, length: int, new_tokens: int, threads: int)
         # both run new_tokens - 1 forward passes after the prefill: the first token comes from the prefill's logits
         # (genai's first generate_next_token only picks it; each later call runs the previous token, then picks)
         "decode_tok_s": round((new_tokens - 1) / decode_s, 1),
-        "rss_after_load_mib": round(rss_load), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_after_load_mib": round(rss_load), "peak_rss_mib": round(_rss_mib("VmHWM")),
         "tokens": tokens,
     }
 
