@@ -135,7 +135,8 @@ def rewrite_attention(path: Path, text_config, blocks: int = ATTENTION_BLOCKS) -
     GroupQueryAttention (SHARED) where `group_query_attention` matches every layer and the model has no sliding
     window, then `pack_qkv`; else each masked Attention becomes `block_causal_attention` (CONCAT). Opset 18 graphs
     have no Attention node: CONCAT, unchanged. External weights (`<path>.data`) are never rewritten: a packed
-    q/k/v weight there is the byte range its three parts already span (or the layer stays unpacked).
+    q/k/v weight there is the byte range its three parts already span (or the layer stays unpacked); the rotary
+    caches are appended to that file (`append_external`), so a graph with external data keeps only small tensors.
     """
     model = onnx.load(str(path), load_external_data=False)
     heads = int(text_config.num_attention_heads)
@@ -149,6 +150,7 @@ def rewrite_attention(path: Path, text_config, blocks: int = ATTENTION_BLOCKS) -
             pass
         if kind == SHARED:
             pack_qkv(model.graph, path.parent)
+            append_external(model.graph, path.parent)
     if kind == CONCAT:
         block_causal_attention(model.graph, blocks)
         set_kv_cache(model, CONCAT)
@@ -577,6 +579,35 @@ def _concat(tensors: list, axis: int, name: str, base_dir: Path):
                        ("length", str(sum(int(e["length"]) for e in ext)))):
         out.external_data.add(key=key, value=value)
     return out
+
+
+def append_external(graph: onnx.GraphProto, base_dir: Path, min_elements: int = 4096) -> int:
+    """When the graph keeps its weights in one external-data file, move inline initialisers of at least
+    `min_elements` (what the rewrite added: the rotary caches) to the end of that file, page aligned. Returns the
+    bytes appended (0: nothing moved, the file is as it was)."""
+    locations = {e.value for t in graph.initializer if t.data_location == TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    big = [t for t in graph.initializer if t.data_location != TensorProto.EXTERNAL and int(np.prod(t.dims)) >= min_elements]
+    if len(locations) != 1 or not big:
+        return 0
+    location = locations.pop()
+    data = base_dir / location
+    start = data.stat().st_size
+    with open(data, "ab") as f:
+        for t in big:
+            raw = onnx.numpy_helper.to_array(t).tobytes()
+            f.write(bytes(-f.tell() % 4096))
+            offset = f.tell()
+            f.write(raw)
+            t.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data"):
+                t.ClearField(field)
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=key, value=value)
+        end = f.tell()
+    return end - start
 
 
 def fuse_residual_norms(graph: onnx.GraphProto) -> int:

@@ -180,7 +180,7 @@ def write_traced(
     export.quantize.plan_streaming), then its saved graph gets the attention rewrite of the in-memory route
     (export.decoder.rewrite_attention: GroupQueryAttention on a shared KV buffer, rotary inside it, q/k/v packed
     into one projection whose weight is the byte range the three were written to, back to back; the data file
-    is not rewritten) and is re-hashed.
+    is not rewritten, only appended to: float32 graphs' rotary caches) and is re-hashed.
     """
     hook = transform
     if graph == "decoder" and quant != "none":
@@ -191,8 +191,12 @@ def write_traced(
     if graph == "decoder":
         from export.decoder import rewrite_attention
 
+        data = folder / (GRAPH_FILES[graph] + DATA_SUFFIX)
+        size = data.stat().st_size
         rewrite_attention(folder / GRAPH_FILES[graph], text_config)
         sha256[graph] = sha256_file(folder / GRAPH_FILES[graph])
+        if data.stat().st_size != size:  # the rotary caches were appended to it
+            sha256[f"{graph}_data"] = sha256_file(data)
     return sha256
 
 
