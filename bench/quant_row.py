@@ -3,17 +3,25 @@
     python -m bench --model llava-next-7b --quant int4          # the 7B-shaped int4 row (not in the default run)
     python -m bench.quant_row --bundle artifacts/llava-next-7b-int4 --budget 0.2    # the measuring child
 
-The bundle is ARTIFACTS/<NAME>-<quant>, exported once when missing (or with --force-export) by
-`python -m export --model NAME --random-weights --quant Q` (unless checkpoints/NAME/ exists): a 7B takes the
-streaming route, fp16 float parts, tensor-by-tensor quantization, about 20 minutes on 2 cores. The child loads
-it in a fresh process (load RSS = peak RSS once `Pipeline.load` returns), runs one request at `budget` (TTFT =
-preprocess + vision + select + projector + prefill; 2 new tokens), and prints one JSON line; the row adds the
-bundle's size on disk.
+The bundle is ARTIFACTS/<NAME>-<quant>, written by `python -m export --model NAME --random-weights --dtype fp16
+--quant Q` (checkpoints/NAME/ instead of random weights when it exists): a 7B takes the streaming route, fp16 float
+parts, tensor-by-tensor quantization, 20-30 minutes on 2 cores. It is exported when missing, with --force-export,
+and when stale (`stale_reason`): its manifest declares another quantization or float dtype, or the exporter's
+sources (export/, models/) are not those that wrote it. Their digest is recorded beside the bundle, in
+ARTIFACTS/<NAME>-<quant>.export.json, when this row exports it; a bundle exported by hand (no record) is stale when
+one of those files is newer than its manifest.
+
+The child loads the bundle in a fresh process with the runtime's own session options (load RSS = peak RSS once
+`Pipeline.load` returns), runs one request at `budget` (TTFT = preprocess + vision + select + projector + prefill;
+ROW_NEW_TOKENS new tokens, so s/token is the mean of ROW_NEW_TOKENS - 1 decoder steps) and prints one JSON line;
+the row adds the bundle's size on disk. Its title names the manifest's quant.accuracy_level: 4 (int8 activations,
+MLAS CompInt8) or 1 (fp32), the setting that trades the decoder's packed-weight memory against decode speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -27,7 +35,9 @@ from bench.stages import DEFAULT_PROMPT, REPO_ROOT, measure_request, peak_rss_mb
 
 QUANTS = ("int8", "int4")
 ROW_IMAGE = (1000, 1000)  # 2x2 grid + base: 5 crops
-ROW_NEW_TOKENS = 2
+ROW_NEW_TOKENS = 4  # the first from the prefill's logits, three decoder steps
+ROW_DTYPE = "fp16"  # the float parts (vision, projector, embeddings) of the row's bundle
+EXPORTER_SOURCES = ("export", "models")  # what writes a --random-weights bundle (graphs, weights, configs)
 
 
 def quant_bundle(model: str, quant: str, artifacts: Path) -> Path:
@@ -35,10 +45,59 @@ def quant_bundle(model: str, quant: str, artifacts: Path) -> Path:
     return artifacts / f"{model}-{quant}"
 
 
+def export_record(bundle: Path) -> Path:
+    """The file beside `bundle` that says which exporter sources wrote it (not in the bundle: not in its size)."""
+    return bundle.with_name(bundle.name + ".export.json")
+
+
+def exporter_files(root: Path = REPO_ROOT) -> list[Path]:
+    """The exporter's source files: every .py and .json under export/ and models/, sorted."""
+    return sorted(f for d in EXPORTER_SOURCES for f in (root / d).rglob("*") if f.suffix in (".py", ".json"))
+
+
+def exporter_digest(root: Path = REPO_ROOT) -> str:
+    """sha256 over the exporter's source files (relative path and content of each)."""
+    h = hashlib.sha256()
+    for f in exporter_files(root):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def stale_reason(bundle: Path, quant: str, root: Path = REPO_ROOT) -> str | None:
+    """Why `bundle` must be (re-)exported before its row is measured, or None when it can be measured as it is."""
+    manifest_path = bundle / "manifest.json"
+    if not manifest_path.is_file():
+        return f"no bundle at {bundle}"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{manifest_path} cannot be read ({e})"
+    method = (manifest.get("quant") or {}).get("method", "none")
+    dtype = (manifest.get("model") or {}).get("dtype")
+    if method != quant:
+        return f"{bundle} is quantized {method!r}, the row needs {quant!r}"
+    if dtype != ROW_DTYPE:
+        return f"{bundle} has {dtype} float parts, the row needs {ROW_DTYPE}"
+    record = export_record(bundle)
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text()).get("exporter_sha256")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != exporter_digest(root):
+            return f"{bundle} was written by other exporter sources than today's ({record} says so)"
+        return None
+    written = manifest_path.stat().st_mtime
+    newer = [f.relative_to(root).as_posix() for f in exporter_files(root) if f.stat().st_mtime > written]
+    if newer:
+        return f"{bundle} is older than {', '.join(newer[:3])}{' ...' if len(newer) > 3 else ''} (exported by hand)"
+    return None
+
+
 def export_command(model: str, quant: str, out: Path, *, force: bool) -> list[str]:
     """`python -m export ...` for the quantized bundle: checkpoints/<model>/ when there, else random weights."""
     checkpoint = REPO_ROOT / "checkpoints" / model
-    cmd = [sys.executable, "-m", "export", "--out", str(out.resolve()), "--quant", quant]
+    cmd = [sys.executable, "-m", "export", "--out", str(out.resolve()), "--dtype", ROW_DTYPE, "--quant", quant]
     if (checkpoint / "config.json").is_file():
         cmd += ["--model", str(checkpoint)]
     else:
@@ -67,9 +126,10 @@ def measure(bundle: Path, budget: float, threads: int | None = None, prompt: str
         load_ms = (time.perf_counter() - t0) * 1000.0
         load_rss = peak_rss_mb()
         run = measure_request(pipe, image, prompt, budget, ROW_NEW_TOKENS)
-        quant = pipe.manifest.quant.method
+        quant = pipe.manifest.quant
     return {"budget": budget, "load_ms": load_ms, "load_rss_mb": load_rss, "ttft_ms": run["ttft_ms"],
-            "prefill_tokens": run["prefill_tokens"], "peak_rss_mb": peak_rss_mb(), "quant": quant}  # fmt: skip
+            "prefill_tokens": run["prefill_tokens"], "s_per_token": 1.0 / run["decode_tok_s"],
+            "peak_rss_mb": peak_rss_mb(), "quant": quant.method, "accuracy_level": quant.accuracy_level}  # fmt: skip
 
 
 def quant_row(
@@ -82,24 +142,29 @@ def quant_row(
     force_export: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Export the `quant` bundle of `model` when missing, measure it in a child, print its row; returns the row."""
+    """Export the `quant` bundle of `model` when missing or stale, measure it in a child, print its row."""
     bundle = quant_bundle(model, quant, artifacts)
-    if force_export or not (bundle / "manifest.json").is_file():
-        cmd = export_command(model, quant, bundle, force=force_export or bundle.exists())
-        log(f"no bundle at {bundle}: exporting it once (about 20 minutes for a 7B): python {' '.join(cmd[1:])}")
+    reason = "--force-export" if force_export else stale_reason(bundle, quant)
+    if reason is not None:
+        cmd = export_command(model, quant, bundle, force=bundle.exists())
+        digest = exporter_digest()
+        log(f"{reason}: exporting it (20-30 minutes for a 7B): python {' '.join(cmd[1:])}")
         bundle.parent.mkdir(parents=True, exist_ok=True)
+        export_record(bundle).unlink(missing_ok=True)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         done = subprocess.run(cmd, cwd=bundle.parent, env=env)  # not from the root: `bench/` is a folder there
         if done.returncode != 0 or not (bundle / "manifest.json").is_file():
             raise RuntimeError(f"export failed (exit {done.returncode}); its error is above. Re-run: {' '.join(cmd)}")
+        export_record(bundle).write_text(json.dumps({"exporter_sha256": digest, "command": cmd[1:]}, indent=1) + "\n")
     row = run_child(child_command(bundle, budget, threads), cwd=bundle.resolve().parent)
     row.update(model=model, bundle=str(bundle), bundle_bytes=bundle_bytes(bundle))
-    print(f"## {model} {quant} bundle (random weights; one request, {ROW_IMAGE[0]}x{ROW_IMAGE[1]}, budget {budget:g})\n")
-    print("| bundle | size GiB | load ms | load RSS MiB | TTFT ms | prefill tokens | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"## {model} {quant} bundle (random weights, MatMulNBits accuracy_level {row['accuracy_level']}; one request, "
+          f"{ROW_IMAGE[0]}x{ROW_IMAGE[1]}, budget {budget:g})\n")  # fmt: skip
+    print("| bundle | size GiB | load ms | load RSS MiB | TTFT ms | prefill tokens | s/token | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {bundle.name} | {row['bundle_bytes'] / 2**30:.2f} | {row['load_ms']:,.0f} | {row['load_rss_mb']:,.0f} "
-          f"| {row['ttft_ms']:,.0f} | {row['prefill_tokens']} | {row['peak_rss_mb']:,.0f} |\n")  # fmt: skip
+          f"| {row['ttft_ms']:,.0f} | {row['prefill_tokens']} | {row['s_per_token']:.2f} | {row['peak_rss_mb']:,.0f} |\n")  # fmt: skip
     return row
 
 
