@@ -8,8 +8,8 @@ The bundle is ARTIFACTS/<NAME>-<quant>, written by `python -m export --model NAM
 parts, tensor-by-tensor quantization, 20-30 minutes on 2 cores. It is exported when missing, with --force-export,
 and when stale (`stale_reason`): its manifest declares another quantization or float dtype, or the exporter's
 sources (export/, models/) are not those that wrote it. Their digest is recorded beside the bundle, in
-ARTIFACTS/<NAME>-<quant>.export.json, when this row exports it; a bundle exported by hand (no record) is stale when
-one of those files is newer than its manifest.
+ARTIFACTS/<NAME>-<quant>.export.json, when this row exports it; a bundle exported by hand (no record, or one older
+than its manifest) is stale when one of those files is newer than its manifest.
 
 The child loads the bundle in a fresh process with the runtime's own session options (load RSS = peak RSS once
 `Pipeline.load` returns), runs one request at `budget` (TTFT = preprocess + vision + select + projector + prefill;
@@ -79,7 +79,8 @@ def stale_reason(bundle: Path, quant: str, root: Path = REPO_ROOT) -> str | None
     if dtype != ROW_DTYPE:
         return f"{bundle} has {dtype} float parts, the row needs {ROW_DTYPE}"
     record = export_record(bundle)
-    if record.is_file():
+    written = manifest_path.stat().st_mtime
+    if record.is_file() and record.stat().st_mtime >= written:  # a later hand export leaves an older record
         try:
             recorded = json.loads(record.read_text()).get("exporter_sha256")
         except (OSError, ValueError):
@@ -87,7 +88,6 @@ def stale_reason(bundle: Path, quant: str, root: Path = REPO_ROOT) -> str | None
         if recorded != exporter_digest(root):
             return f"{bundle} was written by other exporter sources than today's ({record} says so)"
         return None
-    written = manifest_path.stat().st_mtime
     newer = [f.relative_to(root).as_posix() for f in exporter_files(root) if f.stat().st_mtime > written]
     if newer:
         return f"{bundle} is older than {', '.join(newer[:3])}{' ...' if len(newer) > 3 else ''} (exported by hand)"

@@ -107,6 +107,21 @@ def test_a_hand_exported_bundle_is_stale_when_a_source_is_newer_than_its_manifes
     assert "older than export/decoder.py" in stale_reason(bundle, "int4", root)
 
 
+def test_a_record_older_than_the_manifest_is_ignored(tmp_path):
+    """A hand re-export after the row's own: the record's digest is no longer the bundle's; the mtimes decide."""
+    root = _sources(tmp_path / "repo")
+    bundle = _bundle(tmp_path / "m-int4")
+    record = export_record(bundle)
+    record.write_text(json.dumps({"exporter_sha256": "digest of older sources"}))
+    written = (bundle / "manifest.json").stat().st_mtime
+    for f in (root / "export/decoder.py", root / "models/configs/m.json"):
+        os.utime(f, (written - 60, written - 60))
+    os.utime(record, (written + 1, written + 1))
+    assert "other exporter sources" in stale_reason(bundle, "int4", root)
+    os.utime(record, (written - 30, written - 30))
+    assert stale_reason(bundle, "int4", root) is None
+
+
 def test_a_stale_bundle_is_re_exported_with_force_and_recorded(tmp_path, monkeypatch, capsys):
     bundle = _bundle(tmp_path / "llava-next-7b-int4", quant="int8")
     commands = []
