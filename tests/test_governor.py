@@ -240,3 +240,15 @@ def test_a_pipeline_that_never_asks_for_auto_writes_no_cache(tiny_bundle, cache_
             p.generate(None, "Hi.", max_new_tokens=1)
         assert p.governor.observations == 10
     assert not cache_home.exists() or not list(cache_home.iterdir())
+
+
+def test_hindsight_does_not_credit_a_noisy_dip():
+    from bench.governor import best_rate, monotone
+
+    assert monotone([100, 300, 200, 400]) == [100, 250, 250, 400]
+    grid = (0.1, 0.4, 0.6, 1.0)
+    # 0.4 and 0.6 measured 300 and 200 ms: read as 250 each (least squares under TTFT growing with the rate), so a
+    # 240 ms target lies between 0.1 and 0.4, not past the dip at 0.6 (0.68 read raw)
+    assert best_rate([100, 300, 200, 400], 240, grid) == pytest.approx(0.1 + 0.3 * 140 / 150)
+    assert best_rate([100, 300, 200, 400], 280, grid) == pytest.approx(0.6 + 0.4 * 30 / 150)
+    assert best_rate([100, 200, 300, 400], 300, grid) == 0.6  # monotone rows are read as measured
