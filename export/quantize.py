@@ -311,7 +311,7 @@ def plan_streaming(model, specs: list, method: str, block_size: int = DEFAULT_BL
     if replaced:
         model.opset_imports[MS_DOMAIN] = 1
     # Consecutive quantized weights (a layer's q, k, v, ...) are written as all their packed weights, then all
-    # their scales, then all their zero points: so q, k and v each lie back to back, and export.decoder.pack_qkv
+    # their scales, then all their zero points: so q, k and v each lie back to back, and export.decoder_weights.pack_qkv
     # packs them into one MatMulNBits without copying any data.
     out_specs, run = [], []
     for v, spec in [*specs, (None, None)]:

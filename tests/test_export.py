@@ -641,7 +641,7 @@ def test_block_causal_attention_equals_the_single_attention_node(tmp_path, batch
     (s >= blocks, the blocked branch), decode (s < blocks, the original node), past keys, left padding."""
     from onnx import TensorProto, helper
 
-    from export.decoder import block_causal_attention
+    from export.decoder_graph import block_causal_attention
 
     heads, kv_heads, dim = 4, 2, 8
     total = past + s
