@@ -15,8 +15,9 @@ in milliseconds, is model x k:
   requests), refit with Huber weights so that a request slowed by a burst of load moves it little.
 - k, the self-calibrating safety factor: the RATIO_QUANTILE quantile of measured / model over the last
   RATIO_WINDOW requests with an image, against the model as it is now (so a change the fits have taken in is not
-  counted twice). It absorbs the model's bias, the spread of the measurements and the machine's current load
-  faster than the fits do; it is 1 until such a request was seen.
+  counted twice), weighted by recency (half weight every RATIO_HALF_LIFE requests). It absorbs the model's bias,
+  the spread of the measurements and the machine's current load faster than the fits do (up within about two
+  requests, down within about six); it is 1 until such a request was seen.
 The span a rate gives is runtime.visual.span_bound's (exact for the spatial distribution; an upper bound with
 newlines="rows"), so the prediction is monotone in the rate and the choice monotone in the target. Rates whose
 prompt + max_new_tokens would not fit the context are never chosen (`max_prompt`). Calibration (`Pipeline.
@@ -54,7 +55,8 @@ MAX_SAMPLES = 48  # recent (x, ms) points the fits use
 HALF_LIFE = 16.0  # requests after which a point weighs half as much in the fits
 HUBER = 1.345  # Huber's constant, in robust standard deviations (1.4826 x the median absolute residual)
 RATIO_WINDOW = 12  # recent measured / model ratios k is taken from
-RATIO_QUANTILE = 0.75  # k: this quantile of them
+RATIO_QUANTILE = 0.75  # k: this quantile of them, weighted by recency:
+RATIO_HALF_LIFE = 4.0  # the newest holds < 1 - RATIO_QUANTILE of the weight, so one slow request alone cannot set k
 TEXT_ONLY_PROMPT = "Describe the image."  # calibration's run without an image (a plain prompt, no markers)
 RATE_STEP = 0.005  # the candidate rates: min_budget, min_budget + step, ..., 1.0
 SAVE_EVERY = 8  # observations between cache writes
@@ -90,9 +92,9 @@ def visual_span(layout: AnyresLayout, cfg: HiredConfig, rate: float) -> int:
     return span_bound(layout, dataclasses.replace(cfg, rate=float(rate)))
 
 
-def recency_weights(n: int) -> np.ndarray:
-    """[n] weights of points oldest first: the newest 1, halving every HALF_LIFE points back."""
-    return 0.5 ** (np.arange(n - 1, -1, -1, dtype=np.float64) / HALF_LIFE)
+def recency_weights(n: int, half_life: float = HALF_LIFE) -> np.ndarray:
+    """[n] weights of points oldest first: the newest 1, halving every `half_life` points back."""
+    return 0.5 ** (np.arange(n - 1, -1, -1, dtype=np.float64) / half_life)
 
 
 def robust_polyfit(xs: np.ndarray, ys: np.ndarray, degree: int, weights: np.ndarray, rounds: int = 4) -> np.ndarray:
@@ -126,14 +128,14 @@ def fit_increasing(points: list[tuple[float, float]], max_degree: int, x_max: fl
     keep = xs > 0
     if not keep.any():
         return np.array([0.0, 0.0])
-    return np.array([weighted_median(ys[keep] / xs[keep], w[keep]), 0.0])
+    return np.array([weighted_quantile(ys[keep] / xs[keep], w[keep]), 0.0])
 
 
-def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    """The value where the sorted values' cumulative weight reaches half the total."""
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float = 0.5) -> float:
+    """The value where the sorted values' cumulative weight reaches q x the total."""
     order = np.argsort(values)
     cum = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
+    return float(values[order][min(int(np.searchsorted(cum, q * cum[-1])), len(cum) - 1)])
 
 
 class Governor:
@@ -172,7 +174,7 @@ class Governor:
 
     @property
     def safety(self) -> float:
-        """k: the RATIO_QUANTILE quantile of the recent measured / model ratios (1.0 before any)."""
+        """k: the recency-weighted RATIO_QUANTILE quantile of the recent measured / model ratios (1.0 before any)."""
         with self.lock:
             return self._safety()
 
@@ -193,8 +195,10 @@ class Governor:
         return out
 
     def _safety(self) -> float:
-        ratios = self._ratios()
-        return float(np.quantile(ratios, RATIO_QUANTILE)) if ratios else 1.0
+        ratios = np.array(self._ratios())
+        if not ratios.size:
+            return 1.0
+        return weighted_quantile(ratios, recency_weights(ratios.size, RATIO_HALF_LIFE), RATIO_QUANTILE)
 
     def reset(self) -> None:
         """Forget every measurement (the next auto request calibrates again)."""

@@ -96,6 +96,18 @@ def test_the_safety_factor_follows_a_slower_machine_and_shrugs_off_one_spike(pip
     assert slower.predicted_ms == pytest.approx(measured, rel=0.1)
 
 
+def test_the_safety_factor_drops_when_the_machine_gets_faster(pipe, tmp_path):
+    gov = synthetic(pipe.manifest, tmp_path)
+    layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
+    target = float(gov.predict_ms(layout, HiredConfig(), 20, np.array([0.5]))[0])
+    spans = [1500, 900, 300, 2000, 600, 1200, 800, 400, 1000, 1800, 700, 1300]  # other work stopped: 0.4x the time
+    for span in spans:
+        gov.observe(n_images=5, span=span, prompt_tokens=span + 20, timings_s=synthetic_ms(span, slow=0.4))
+    faster = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=target)
+    assert gov.safety < 0.9 and faster.rate > 0.6  # still on the safe side: 0.4x the time would allow 1.0
+    assert 1000 * sum(synthetic_ms(visual_span(layout, HiredConfig(), faster.rate), slow=0.4).values()) < target
+
+
 def test_a_robust_fit_ignores_an_outlier():
     points = [(float(x), 0.2 * x + 1e-4 * x * x) for x in range(100, 3000, 200)]
     points[7] = (points[7][0], 10 * points[7][1])  # one request slowed by a burst of load
