@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=("none", "int8", "int4"), default="none",
                    help="instead of the tables: the row of ARTIFACTS/<model>-<quant> (size, load RSS, TTFT of one request at "
                    "budget 0.2; exported on first use: ~20 min for a 7B); bench.quant_row")  # fmt: skip
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="with --quant: MatMulNBits values per scale, a power of 2 >= 16 (default: the exporter's); "
+                   "other than the default, the bundle is ARTIFACTS/<model>-<quant>-b<N>")  # fmt: skip
     p.add_argument(
         "--prompt",
         default=DEFAULT_PROMPT,
@@ -289,6 +292,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.sizes = tuple(parse_size(s) for s in args.images.split(",") if s.strip())
     except ValueError as e:
         p.error(str(e))
+    if args.block_size is not None:
+        if args.quant == "none":
+            p.error("--block-size is for --quant int4|int8 (the quantized row); add --quant or drop --block-size")
+        from export.quantize import check_block_size
+
+        try:
+            check_block_size(args.block_size)
+        except ValueError as e:
+            p.error(str(e))
     if not args.budget_list or not all(0 < b <= 1 for b in args.budget_list):
         p.error(f"--budgets must be comma-separated rates in (0, 1], got {args.budgets!r}")
     if args.runs < 1 or args.warmup < 0 or args.new_tokens < 2 or args.overhead_calls < 1 or args.governor_images < 0:
@@ -476,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.quant_row import quant_row
 
             quant_row(args.model, args.quant, Path(args.artifacts), budget=REFERENCE_BUDGET, threads=args.threads,
-                      force_export=args.force_export, log=_say)  # fmt: skip
+                      force_export=args.force_export, block_size=args.block_size, log=_say)  # fmt: skip
             return 0
         run(args)
     except (RuntimeError, FileNotFoundError, HiredError) as e:

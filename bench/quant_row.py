@@ -1,20 +1,23 @@
 """`python -m bench --model NAME --quant int4|int8`: one quantized bundle's row: size, load RSS, one request's TTFT.
 
     python -m bench --model llava-next-7b --quant int4          # the 7B-shaped int4 row (not in the default run)
+    python -m bench --model llava-next-7b --quant int4 --block-size 128     # ARTIFACTS/llava-next-7b-int4-b128
     python -m bench.quant_row --bundle artifacts/llava-next-7b-int4 --budget 0.2    # the measuring child
 
-The bundle is ARTIFACTS/<NAME>-<quant>, written by `python -m export --model NAME --random-weights --dtype fp16
---quant Q` (checkpoints/NAME/ instead of random weights when it exists): a 7B takes the streaming route, fp16 float
-parts, tensor-by-tensor quantization, 20-30 minutes on 2 cores. It is exported when missing, with --force-export,
-and when stale (`stale_reason`): its manifest declares another quantization or float dtype, or the exporter's
-sources (export/, models/) are not those that wrote it. Their digest is recorded beside the bundle, in
-ARTIFACTS/<NAME>-<quant>.export.json, when this row exports it; a bundle exported by hand (no record, or one older
-than its manifest) is stale when one of those files is newer than its manifest.
+The bundle is ARTIFACTS/<NAME>-<quant> at the exporter's default block size (export.quantize.DEFAULT_BLOCK_SIZE),
+ARTIFACTS/<NAME>-<quant>-b<N> at `--block-size N`, written by `python -m export --model NAME --random-weights --dtype
+fp16 --quant Q --block-size N` (checkpoints/NAME/ instead of random weights when it exists): a 7B takes the streaming
+route, fp16 float parts, tensor-by-tensor quantization, 8-30 minutes on 2 cores. It is exported when missing, with
+--force-export, and when stale (`stale_reason`): its manifest declares another quantization, block size or float
+dtype, or the exporter's sources (export/, models/) are not those that wrote it. Their digest is recorded beside
+the bundle, in <bundle>.export.json, when this row exports it; a bundle exported by hand (no record, or one older
+than its manifest) is stale when one of those files is newer than its manifest. A larger block packs smaller: the
+CPU kernel's int8-compute layout holds an fp32 scale and block sum per block (~0.75 byte/weight at block 32).
 
 The child loads the bundle in a fresh process with the runtime's own session options (load RSS = peak RSS once
 `Pipeline.load` returns), runs one request at `budget` (TTFT = preprocess + vision + select + projector + prefill;
 ROW_NEW_TOKENS new tokens, so s/token is the mean of ROW_NEW_TOKENS - 1 decoder steps) and prints one JSON line;
-the row adds the bundle's size on disk. Its title names the manifest's quant.accuracy_level: 4 (int8 activations,
+the row adds the bundle's size on disk. Its title names the manifest's block size and quant.accuracy_level: 4 (int8 activations,
 MLAS CompInt8) or 1 (fp32), the setting that trades the decoder's packed-weight memory against decode speed.
 """
 
@@ -40,9 +43,19 @@ ROW_DTYPE = "fp16"  # the float parts (vision, projector, embeddings) of the row
 EXPORTER_SOURCES = ("export", "models")  # what writes a --random-weights bundle (graphs, weights, configs)
 
 
-def quant_bundle(model: str, quant: str, artifacts: Path) -> Path:
-    """Where the `quant` bundle of registry model `model` lives: ARTIFACTS/<model>-<quant>."""
-    return artifacts / f"{model}-{quant}"
+def default_block_size() -> int:
+    """The exporter's default --block-size (imported here, not at module level: the measuring child never needs onnx)."""
+    from export.quantize import DEFAULT_BLOCK_SIZE
+
+    return DEFAULT_BLOCK_SIZE
+
+
+def quant_bundle(model: str, quant: str, artifacts: Path, block_size: int | None = None) -> Path:
+    """Where the `quant` bundle of registry model `model` lives: ARTIFACTS/<model>-<quant> at the exporter's default
+    block size (None), ARTIFACTS/<model>-<quant>-b<block_size> at any other."""
+    if block_size is None or block_size == default_block_size():
+        return artifacts / f"{model}-{quant}"
+    return artifacts / f"{model}-{quant}-b{block_size}"
 
 
 def export_record(bundle: Path) -> Path:
@@ -63,8 +76,10 @@ def exporter_digest(root: Path = REPO_ROOT) -> str:
     return h.hexdigest()
 
 
-def stale_reason(bundle: Path, quant: str, root: Path = REPO_ROOT) -> str | None:
-    """Why `bundle` must be (re-)exported before its row is measured, or None when it can be measured as it is."""
+def stale_reason(bundle: Path, quant: str, root: Path = REPO_ROOT, block_size: int | None = None) -> str | None:
+    """Why `bundle` must be (re-)exported before its row is measured, or None when it can be measured as it is.
+
+    `block_size`: the one the row asks for (None: the exporter's default), against the manifest's quant.block_size."""
     manifest_path = bundle / "manifest.json"
     if not manifest_path.is_file():
         return f"no bundle at {bundle}"
@@ -73,9 +88,13 @@ def stale_reason(bundle: Path, quant: str, root: Path = REPO_ROOT) -> str | None
     except (OSError, ValueError) as e:
         return f"{manifest_path} cannot be read ({e})"
     method = (manifest.get("quant") or {}).get("method", "none")
+    blocks = (manifest.get("quant") or {}).get("block_size")
+    block_size = default_block_size() if block_size is None else block_size
     dtype = (manifest.get("model") or {}).get("dtype")
     if method != quant:
         return f"{bundle} is quantized {method!r}, the row needs {quant!r}"
+    if blocks != block_size:
+        return f"{bundle} has quant block size {blocks}, the row needs {block_size}"
     if dtype != ROW_DTYPE:
         return f"{bundle} has {dtype} float parts, the row needs {ROW_DTYPE}"
     record = export_record(bundle)
@@ -94,10 +113,13 @@ def stale_reason(bundle: Path, quant: str, root: Path = REPO_ROOT) -> str | None
     return None
 
 
-def export_command(model: str, quant: str, out: Path, *, force: bool) -> list[str]:
-    """`python -m export ...` for the quantized bundle: checkpoints/<model>/ when there, else random weights."""
+def export_command(model: str, quant: str, out: Path, *, force: bool, block_size: int | None = None) -> list[str]:
+    """`python -m export ...` for the quantized bundle: checkpoints/<model>/ when there, else random weights;
+    --block-size `block_size` (None: the exporter's default, said explicitly)."""
     checkpoint = REPO_ROOT / "checkpoints" / model
-    cmd = [sys.executable, "-m", "export", "--out", str(out.resolve()), "--dtype", ROW_DTYPE, "--quant", quant]
+    block_size = default_block_size() if block_size is None else block_size
+    cmd = [sys.executable, "-m", "export", "--out", str(out.resolve()), "--dtype", ROW_DTYPE, "--quant", quant,
+           "--block-size", str(block_size)]  # fmt: skip
     if (checkpoint / "config.json").is_file():
         cmd += ["--model", str(checkpoint)]
     else:
@@ -129,7 +151,8 @@ def measure(bundle: Path, budget: float, threads: int | None = None, prompt: str
         quant = pipe.manifest.quant
     return {"budget": budget, "load_ms": load_ms, "load_rss_mb": load_rss, "ttft_ms": run["ttft_ms"],
             "prefill_tokens": run["prefill_tokens"], "s_per_token": 1.0 / run["decode_tok_s"],
-            "peak_rss_mb": peak_rss_mb(), "quant": quant.method, "accuracy_level": quant.accuracy_level}  # fmt: skip
+            "peak_rss_mb": peak_rss_mb(), "quant": quant.method, "block_size": quant.block_size,
+            "accuracy_level": quant.accuracy_level}  # fmt: skip
 
 
 def quant_row(
@@ -140,13 +163,15 @@ def quant_row(
     budget: float,
     threads: int | None = None,
     force_export: bool = False,
+    block_size: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Export the `quant` bundle of `model` when missing or stale, measure it in a child, print its row."""
-    bundle = quant_bundle(model, quant, artifacts)
-    reason = "--force-export" if force_export else stale_reason(bundle, quant)
+    """Export the `quant` bundle of `model` at `block_size` (None: the exporter's default) when missing or stale,
+    measure it in a child, print its row."""
+    bundle = quant_bundle(model, quant, artifacts, block_size)
+    reason = "--force-export" if force_export else stale_reason(bundle, quant, block_size=block_size)
     if reason is not None:
-        cmd = export_command(model, quant, bundle, force=bundle.exists())
+        cmd = export_command(model, quant, bundle, force=bundle.exists(), block_size=block_size)
         digest = exporter_digest()
         log(f"{reason}: exporting it (20-30 minutes for a 7B): python {' '.join(cmd[1:])}")
         bundle.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +184,8 @@ def quant_row(
         export_record(bundle).write_text(json.dumps({"exporter_sha256": digest, "command": cmd[1:]}, indent=1) + "\n")
     row = run_child(child_command(bundle, budget, threads), cwd=bundle.resolve().parent)
     row.update(model=model, bundle=str(bundle), bundle_bytes=bundle_bytes(bundle))
-    print(f"## {model} {quant} bundle (random weights, MatMulNBits accuracy_level {row['accuracy_level']}; one request, "
+    print(f"## {model} {quant} bundle (random weights, MatMulNBits block {row['block_size']}, "
+          f"accuracy_level {row['accuracy_level']}; one request, "
           f"{ROW_IMAGE[0]}x{ROW_IMAGE[1]}, budget {budget:g})\n")  # fmt: skip
     print("| bundle | size GiB | load ms | load RSS MiB | TTFT ms | prefill tokens | s/token | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
