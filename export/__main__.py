@@ -22,6 +22,7 @@ import threading
 
 from export.defaults import (
     BUNDLE_DTYPES,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_MEMORY_LIMIT_GIB,
     DEFAULT_OPSET,
     DEFAULT_SEED,
@@ -93,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
         "onnxruntime >= 1.17 for int4, >= 1.22 for int8); vision and projector stay in --dtype (default none)",
     )
     p.add_argument(
-        "--block-size", type=int, default=32, metavar="N", help="--quant values per scale, a power of 2 >= 16 (default 32)"
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
+        help=f"--quant values per scale, a power of 2 >= 16 (default {DEFAULT_BLOCK_SIZE}; 128 packs a 7B smaller at a fidelity cost)"
     )
     p.add_argument(
         "--force",

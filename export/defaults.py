@@ -25,6 +25,7 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 
 DEFAULT_SEED = 0  # seed of --random-weights
 DEFAULT_MEMORY_LIMIT_GIB = 20.0  # the streaming route aborts past this resident memory
+DEFAULT_BLOCK_SIZE = 32  # --quant values per MatMulNBits scale (128: a smaller packed 7B at a fidelity cost)
 
 
 def default_dtype(route: str) -> str:

@@ -34,6 +34,7 @@ from export.bundle import (
 )
 from export.defaults import (
     BUNDLE_DTYPES,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_MEMORY_LIMIT_GIB,
     DEFAULT_OPSET,
     DEFAULT_SEED,
@@ -220,7 +221,7 @@ def export_model(
     log: Callable[[str], None] = stderr_log,
     memory_limit_gib: float = DEFAULT_MEMORY_LIMIT_GIB,
     quant: str = "none",
-    block_size: int = 32,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     download_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Export registry name or checkpoint folder `model` to the bundle folder `out`; returns `out`.
@@ -349,7 +350,7 @@ def _export_in_memory(model, stage: Staging, *, random_weights, dtype, opset, se
 
 
 def _export_streaming(model, stage: Staging, *, dtype, opset, seed, verify, memory_limit_gib, log, quant="none",
-                      block_size=32):
+                      block_size=DEFAULT_BLOCK_SIZE):
     """Write a seeded random-weight bundle from the meta device into `stage.path` (its decoder quantized while
     written when `quant` asks); check it if asked."""
     from export.stream import write_streaming

@@ -39,12 +39,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.defaults import DEFAULT_BLOCK_SIZE
 from runtime.quant import BITS, METHODS, MIN_ONNXRUNTIME
 
 if TYPE_CHECKING:
     from runtime.manifest import Manifest
 
-DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations on CPU (MLAS CompInt8); ignored by other providers
 MS_DOMAIN = "com.microsoft"
 TWO_GB_MARGIN = 1_900_000_000  # protobuf's 2 GB limit, with room for the graph itself
