@@ -266,16 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="with --quant: MatMulNBits values per scale, a power of 2 >= 16 (default: the exporter's); "
                    "other than the default, the bundle is ARTIFACTS/<model>-<quant>-b<N>")  # fmt: skip
-    p.add_argument(
-        "--prompt",
-        default=DEFAULT_PROMPT,
-        help="the user prompt, wrapped in the bundle's template (default: a describe-the-picture request)",
-    )
-    p.add_argument(
-        "--out",
-        default=str(REPO_ROOT / "bench-results"),
-        help="folder for the JSON and PNG files (default: bench-results/ of the repository)",
-    )
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="the user prompt, wrapped in the bundle's template (default: a describe-the-picture request)")  # fmt: skip
+    p.add_argument("--out", default=str(REPO_ROOT / "bench-results"),
+                   help="folder for the JSON and PNG files (default: bench-results/ of the repository)")  # fmt: skip
     return p
 
 
