@@ -482,6 +482,7 @@ def test_load_prompt_prefers_prompt_template_json_and_checks_it(tiny_dir, tmp_pa
 def test_a_registry_name_wins_over_a_same_named_folder_without_config(tmp_path, monkeypatch):
     (tmp_path / "bench").mkdir()  # like the repository's own bench/ package, seen from the repo root
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(load, "REPO_ROOT", tmp_path)  # a checkpoints/bench that `make bench` built must not count
     with pytest.raises(load.CheckpointNotFound, match="python -m models.build bench"):
         load.resolve_checkpoint("bench")
     assert load._load_random("bench", dtype=torch.float32, seed=0)[2].name == "bench"
