@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Definitions: TTFT = preprocess + vision + select + projector + prefill (until the first token's "
         "logits); decode tok/s = (N-1) / time from the first to the last of N tokens; peak RSS = ru_maxrss of the "
         "process that ran one (image, budget) case alone. Bare `python -m bench` exports artifacts/bench on first use "
-        "(about 1.5 minutes); a full run then took 8.6 minutes on 2 cores that other jobs were also using.",
+        "(about 1.5 minutes); a full run then took 7.3 minutes on a quiet 2-core box.",
     )
     p.add_argument("--model", default="bench",
                    help="registry name (bench, tiny, llava-next-7b, ...) or checkpoint folder; its bundle is "
