@@ -95,10 +95,25 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def ensure_builds(checkpoint: Path, work: Path, engines: list[str]) -> dict[str, Path]:
-    """{engine: folder}, building what is missing under `work`."""
+    """{engine: folder}, building what is missing under `work`. The project's builds are rebuilt when the exporter's
+    sources (export/, models/) differ from those that wrote them (digest in `work`/project.export.json)."""
+    from bench.quant_row import exporter_digest
+
     work.mkdir(parents=True, exist_ok=True)
     paths = {e: work / e for e in ENGINES}
     float_bundle = paths["project-none"]
+    record, digest = work / "project.export.json", exporter_digest()
+    try:
+        recorded = json.loads(record.read_text()).get("exporter_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != digest:
+        stale = [e for e in ENGINES if e.startswith("project-") and paths[e].exists()]
+        if stale:
+            _say(f"{', '.join(stale)}: written by other exporter sources than today's; rebuilding")
+        for engine in stale:
+            shutil.rmtree(paths[engine])
+        record.unlink(missing_ok=True)
     if not (float_bundle / "manifest.json").is_file():
         _run([sys.executable, "-m", "export", "--model", str(checkpoint), "--out", str(float_bundle), "--force"],
              "project-none")
@@ -110,6 +125,8 @@ def ensure_builds(checkpoint: Path, work: Path, engines: list[str]) -> dict[str,
             t0 = time.perf_counter()
             requantize(float_bundle, paths[engine], method, force=True)
             _say(f"built {engine} in {time.perf_counter() - t0:.0f} s")
+    if (float_bundle / "manifest.json").is_file():
+        record.write_text(json.dumps({"exporter_sha256": digest}) + "\n")
     genai = [e for e in engines if e.startswith("genai-") and not (paths[e] / "genai_config.json").is_file()]
     if genai:
         llm = work / "llm"

@@ -63,3 +63,30 @@ def test_one_round_project_fp32_and_genai_fp32_agree(tiny_checkpoint, tiny_bundl
     quality = record["fidelity"]["40"]["project-int4"]
     assert 0.9 < quality["cosine"] <= 1.0
     assert {q["vs"] for q in record["ratios"]} == {"genai-fp32"}
+
+
+def test_project_builds_are_rebuilt_when_the_exporter_changed(tmp_path, monkeypatch):
+    """A project-none build written by other export/ or models/ sources is rebuilt, not silently reused; a build
+    whose recorded digest is today's is kept."""
+    built = []
+
+    def fake_run(cmd, what):  # the export child: writes a manifest where --out says
+        out = tmp_path / "work" / what
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text("{}")
+        built.append(what)
+
+    monkeypatch.setattr(llm_peer, "_run", fake_run)
+    monkeypatch.setattr("bench.quant_row.exporter_digest", lambda root=None: "today")
+    work = tmp_path / "work"
+    (work / "project-none").mkdir(parents=True)
+    (work / "project-none" / "manifest.json").write_text("{}")
+    (work / "project-none" / "old-file").write_text("from yesterday's exporter")
+    (work / "project.export.json").write_text(json.dumps({"exporter_sha256": "yesterday"}))
+
+    llm_peer.ensure_builds(tmp_path / "ckpt", work, ["project-none"])
+    assert built == ["project-none"] and not (work / "project-none" / "old-file").exists()
+    assert json.loads((work / "project.export.json").read_text()) == {"exporter_sha256": "today"}
+
+    llm_peer.ensure_builds(tmp_path / "ckpt", work, ["project-none"])  # today's record: reused
+    assert built == ["project-none"]
