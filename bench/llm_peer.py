@@ -3,7 +3,8 @@
     python -m bench.llm_peer --checkpoint checkpoints/bench [--rounds 5] [--new-tokens 32] [--threads 2]
     python -m bench.llm_peer --checkpoint DIR --lengths 600,2950 --engines project-none,genai-fp32
 
-Builds once, under --work (default bench-results/llm-peer/<checkpoint name>/):
+Builds once, under --work (default bench-results/llm-peer/<checkpoint name>/; the project builds again when export/ or
+models/ changed since, by the digest recorded in project.export.json):
 - project-none: `python -m export --model CHECKPOINT` (fp32); project-int8 / project-int4: its decoder quantized
   (export.quantize.requantize: MatMulNBits, block 32, accuracy_level 4);
 - llm/: the checkpoint's language model alone (text config + language_model / lm_head weights as a
