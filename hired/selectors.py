@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import MappingProxyType
 
 import numpy as np
@@ -54,15 +53,10 @@ class Selection:
     groups: Mapping[int, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
 
 
-@lru_cache(maxsize=64)
 def valid_candidates(layout: AnyresLayout) -> np.ndarray:
     """int64 [576 + sum(capacities)]: flat ids (image * 576 + token) of every token that survives unpadding
-    (read-only; cached per layout)."""
-    t = layout.tokens_per_image
-    valid = np.concatenate([np.ones(t, dtype=bool), layout.valid_mask.reshape(-1)])
-    flat = np.flatnonzero(valid).astype(np.int64)
-    flat.setflags(write=False)
-    return flat
+    (hired.select.candidate_mask, flattened)."""
+    return np.flatnonzero(candidate_mask(layout)).astype(np.int64)
 
 
 def split_flat(flat_ids: np.ndarray, layout: AnyresLayout) -> list[np.ndarray]:
