@@ -92,6 +92,11 @@ def visual_span(layout: AnyresLayout, cfg: HiredConfig, rate: float) -> int:
     return span_bound(layout, dataclasses.replace(cfg, rate=float(rate)))
 
 
+def spans_at(layout: AnyresLayout, cfg: HiredConfig, rates: np.ndarray) -> np.ndarray:
+    """float64 [len(rates)]: visual_span at each rate."""
+    return np.array([visual_span(layout, cfg, float(r)) for r in rates], dtype=np.float64)
+
+
 def recency_weights(n: int, half_life: float = HALF_LIFE) -> np.ndarray:
     """[n] weights of points oldest first: the newest 1, halving every `half_life` points back."""
     return 0.5 ** (np.arange(n - 1, -1, -1, dtype=np.float64) / half_life)
@@ -252,8 +257,10 @@ class Governor:
                    spent_ms: float | None = None) -> np.ndarray:  # fmt: skip
         """Predicted TTFT [len(rates)] in ms of an image with `layout` and a prompt of `text_tokens` at each rate
         (rates ascending; the result is made non-decreasing): preprocessing + model x k."""
-        spans = np.array([visual_span(layout, cfg, float(r)) for r in rates], dtype=np.float64)
-        n = layout.n_images
+        return self._predict(layout.n_images, spans_at(layout, cfg, rates), text_tokens, spent_ms)
+
+    def _predict(self, n: int, spans: np.ndarray, text_tokens: int, spent_ms: float | None) -> np.ndarray:
+        """predict_ms of an image of `n` partitions at the (non-decreasing) visual spans `spans`."""
         with self.lock:
             pre = spent_ms if spent_ms is not None else _per_count(self.preprocess, n)
             model = sum(self._stages(n, spans, text_tokens).values())
@@ -266,11 +273,10 @@ class Governor:
         span) is at most `max_prompt` tokens; min_budget if none meets the target."""
         self.in_use = True
         rates = np.unique(np.round(np.r_[np.arange(self.min_budget, 1.0, RATE_STEP), 1.0], 6))
-        predicted = self.predict_ms(layout, cfg, text_tokens, rates, spent_ms)
+        spans = spans_at(layout, cfg, rates)
+        predicted = self._predict(layout.n_images, spans, text_tokens, spent_ms)
         meets = predicted <= target_ms
-        fits = meets.copy()
-        if max_prompt is not None:
-            fits &= np.array([text_tokens + visual_span(layout, cfg, r) <= max_prompt for r in rates])
+        fits = meets & (text_tokens + spans <= max_prompt) if max_prompt is not None else meets
         ok = np.flatnonzero(fits)  # min_budget itself fits the context: runtime.pipeline checked it before
         i = int(ok[-1]) if ok.size else 0
         capped = bool(meets[i + 1 :].any())
