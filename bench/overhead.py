@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.metrics import median
+from export.bundle import numpy_dtype
+from export.defaults import BUNDLE_DTYPES
 from hired import AnyresLayout, HiredConfig, pack_tokens, plan_budget, select_tokens
 from hired.selectors import SELECTORS
 from runtime.selection import select_stage
@@ -34,7 +36,6 @@ LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
 )
 N_SCORE_SETS = 8  # distinct random score sets cycled through, so no call sees the previous call's input
 FEATURE_DIM = 1024  # CLIP-L/14-336's feature width: what visionzip's similarity grouping reads
-FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # a bundle's dtype -> its vision graph's features
 TARGETS_US = {"visionzip": 2000.0}  # issue 14's targets: visionzip <= 2 ms, every other selector <= 0.5 ms
 DEFAULT_TARGET_US = 500.0
 
@@ -102,15 +103,15 @@ def selector_overheads_us(
     stage's) are not included."""
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
+    if feature_dtype not in BUNDLE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {', '.join(BUNDLE_DTYPES)}, got {feature_dtype!r}")
     layout = AnyresLayout.for_image(width=width, height=height, grid_pinpoints=grid_pinpoints)
     cfg = HiredConfig(rate=rate)
     rng = np.random.default_rng(seed)
     n, t = layout.n_images, layout.tokens_per_image
     sets = [
         (rng.random((n, t), dtype=np.float32) + 1e-3, rng.random((n, t), dtype=np.float32) + 1e-3,
-         rng.standard_normal((n, t, feature_dim), dtype=np.float32).astype(FEATURE_DTYPES[feature_dtype]))
+         rng.standard_normal((n, t, feature_dim), dtype=np.float32).astype(numpy_dtype(feature_dtype)))
         for _ in range(N_SCORE_SETS)
     ]  # fmt: skip
 
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description="Time every token selector alone "
                                 "(plan + select + pack, 1000x1000 image -> 5 images of 576 tokens), as make bench does.")  # fmt: skip
     p.add_argument("--calls", type=int, default=1000, help="timed calls per selector [1000]")
-    p.add_argument("--feature-dtype", choices=tuple(FEATURE_DTYPES), default="fp32",
+    p.add_argument("--feature-dtype", choices=BUNDLE_DTYPES, default="fp32",
                    help="the bundle's dtype, which the vision graph's features have [fp32]")  # fmt: skip
     args = p.parse_args(argv)
     if args.calls < 1:

@@ -4,7 +4,7 @@
     python -m bench --model llava-next-7b --quant int4 --block-size 128     # ARTIFACTS/llava-next-7b-int4-b128
     python -m bench.quant_row --bundle artifacts/llava-next-7b-int4 --budget 0.2    # the measuring child
 
-The bundle is ARTIFACTS/<NAME>-<quant> at the exporter's default block size (export.quantize.DEFAULT_BLOCK_SIZE),
+The bundle is ARTIFACTS/<NAME>-<quant> at the exporter's default block size (export.defaults.DEFAULT_BLOCK_SIZE),
 ARTIFACTS/<NAME>-<quant>-b<N> at `--block-size N`, written by `python -m export --model NAME --random-weights --dtype
 fp16 --quant Q --block-size N` (checkpoints/NAME/ instead of random weights when it exists): a 7B takes the streaming
 route, fp16 float parts, tensor-by-tensor quantization, 8-30 minutes on 2 cores. It is exported when missing, with
@@ -44,10 +44,10 @@ EXPORTER_SOURCES = ("export", "models")  # what writes a --random-weights bundle
 
 
 def default_block_size() -> int:
-    """The exporter's default --block-size (imported here, not at module level: the measuring child never needs onnx)."""
-    from export.quantize import DEFAULT_BLOCK_SIZE
+    """The exporter's default --block-size (export.defaults, read at call time)."""
+    from export import defaults
 
-    return DEFAULT_BLOCK_SIZE
+    return defaults.DEFAULT_BLOCK_SIZE
 
 
 def quant_bundle(model: str, quant: str, artifacts: Path, block_size: int | None = None) -> Path:

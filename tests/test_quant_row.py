@@ -97,7 +97,7 @@ def _bundle(folder, quant="int4", dtype="fp16", block_size=None):
 
 
 def test_the_block_size_names_the_folder_unless_it_is_the_exporters_default(tmp_path, monkeypatch):
-    from export.quantize import DEFAULT_BLOCK_SIZE
+    from export.defaults import DEFAULT_BLOCK_SIZE
 
     assert default_block_size() == DEFAULT_BLOCK_SIZE
     for block_size in (None, DEFAULT_BLOCK_SIZE):
@@ -106,7 +106,7 @@ def test_the_block_size_names_the_folder_unless_it_is_the_exporters_default(tmp_
     assert out == tmp_path / "llava-next-7b-int4-b128"
     cmd = export_command("llava-next-7b", "int4", out, force=False, block_size=128)
     assert cmd[cmd.index("--block-size") + 1] == "128" and cmd[cmd.index("--out") + 1] == str(out.resolve())
-    monkeypatch.setattr("export.quantize.DEFAULT_BLOCK_SIZE", 128)  # read from the exporter, not a copy of it
+    monkeypatch.setattr("export.defaults.DEFAULT_BLOCK_SIZE", 128)  # read from the exporter, not a copy of it
     assert quant_bundle("llava-next-7b", "int4", tmp_path, 128) == tmp_path / "llava-next-7b-int4"
     assert quant_bundle("llava-next-7b", "int4", tmp_path, 32) == tmp_path / "llava-next-7b-int4-b32"
 
