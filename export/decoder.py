@@ -156,7 +156,7 @@ def rewrite_attention(path: Path, text_config, blocks: int = ATTENTION_BLOCKS) -
         except NotMatched:
             pass
         if kind == SHARED:
-            pack_qkv(model.graph, path.parent)
+            pack_qkv(model.graph)
             append_external(model.graph, path.parent)
     if kind == CONCAT:
         block_causal_attention(model.graph, blocks)

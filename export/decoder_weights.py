@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from export.decoder_graph import prune_dead_nodes
 
 
-def pack_qkv(graph: onnx.GraphProto, base_dir: Path) -> int:
+def pack_qkv(graph: onnx.GraphProto) -> int:
     """Each GroupQueryAttention reading q, k, v from three projections of one input becomes one projection on the
     concatenated weights, its output the packed `query` (key and value empty), in place. Returns the layers packed.
 
@@ -47,7 +47,7 @@ def pack_qkv(graph: onnx.GraphProto, base_dir: Path) -> int:
         if plan is None:
             continue
         parts, axes, write = plan
-        tensors = [_concat([inits[n] for n in names], axis, f"{gqa.name}_qkv_{j}", base_dir)
+        tensors = [_concat([inits[n] for n in names], axis, f"{gqa.name}_qkv_{j}")
                    for j, (names, axis) in enumerate(zip(parts, axes))]
         if any(t is None for t in tensors):
             continue
@@ -102,7 +102,7 @@ def _pack_plan(mms, producer, inits, readers):
     return [stored], (0,), write
 
 
-def _concat(tensors: list, axis: int, name: str, base_dir: Path):
+def _concat(tensors: list, axis: int, name: str):
     """`tensors` concatenated on `axis` as one initialiser `name`, or None when that would copy external data."""
     if len({(t.data_type, tuple(d for i, d in enumerate(t.dims) if i != axis)) for t in tensors}) != 1:
         return None
