@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers and the PyTorch reference. Prints markdown tables; writes raw runs (JSON) and a stacked-bar "
         "PNG under --out.",
         epilog="Definitions: TTFT = preprocess + vision + select + projector + prefill (until the first token's "
-        "logits); decode tok/s = (N-1) / time from the first to the last of N tokens; peak RSS = ru_maxrss of the "
+        "logits); decode tok/s = (N-1) / time from the first to the last of N tokens; peak RSS = the peak resident memory (VmHWM) of the "
         "process that ran one (image, budget) case alone. Bare `python -m bench` exports artifacts/bench on first use "
         "(about 1.5 minutes); a full run then took 7.3 minutes on a quiet 2-core box.",
     )

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.stages import peak_rss_mb, rss_mb
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("project-none", "project-int8", "project-int4", "genai-fp32", "genai-int4")
 IMAGE_SIDE = 1000
@@ -179,17 +181,6 @@ def prefill_lengths(bundle: Path, side: int = IMAGE_SIDE, budgets=BUDGETS, promp
 
 
 # ----------------------------------------------------------------------------------------------- one run
-def _rss_mib(field: str = "VmRSS") -> float:
-    """This process's resident memory (VmRSS) or its peak (VmHWM) in MiB. The peak is read here, not from
-    getrusage: Linux keeps ru_maxrss across execve, so a child started by a parent that once held 1 GiB (e.g. while
-    quantizing a bundle in-process) would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _prompt_ids(length: int, vocab: int, seed: int = 0):
     import numpy as np
 
@@ -253,7 +244,7 @@ def child(engine: str, folder: Path, length: int, new_tokens: int, threads: int)
     t0 = time.perf_counter()
     generate, vocab = (_genai if engine.startswith("genai-") else _project)(folder, threads)
     load_s = time.perf_counter() - t0
-    rss_load = _rss_mib()
+    rss_load = rss_mb("VmRSS") or 0.0
     generate(_prompt_ids(32, vocab, seed=1), 4)
     prefill_s, decode_s, tokens = generate(_prompt_ids(length, vocab), new_tokens)
     return {
@@ -261,7 +252,7 @@ def child(engine: str, folder: Path, length: int, new_tokens: int, threads: int)
         # both run new_tokens - 1 forward passes after the prefill: the first token comes from the prefill's logits
         # (genai's first generate_next_token only picks it; each later call runs the previous token, then picks)
         "decode_tok_s": round((new_tokens - 1) / decode_s, 1),
-        "rss_after_load_mib": round(rss_load), "peak_rss_mib": round(_rss_mib("VmHWM")),
+        "rss_after_load_mib": round(rss_load), "peak_rss_mib": round(peak_rss_mb()),
         "tokens": tokens,
     }
 

@@ -6,7 +6,7 @@
 
 Every (budget, image) case runs in its OWN process (`python -m bench.stages --bundle DIR --size WxH --budget R`),
 because a process's peak RSS never goes down: the child loads the bundle, runs `warmup` untimed and `runs` timed
-requests, and prints one JSON line with its raw runs and its peak RSS (getrusage ru_maxrss).
+requests, and prints one JSON line with its raw runs and its peak RSS (peak_rss_mb: VmHWM).
 
 One timed request: `Pipeline.generate(image, prompt, budget=R, max_new_tokens=n, min_new_tokens=n, trace=...)`,
 the real runtime code, gives preprocess, vision, select, projector, prefill and decode times and the kept visual
@@ -38,8 +38,25 @@ DEFAULT_PROMPT = "Describe this picture in detail: the objects, their colours an
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def rss_mb(field: str = "VmHWM") -> float | None:
+    """This process's resident memory from /proc/self/status in MiB: its peak (VmHWM) or now (VmRSS); None off
+    Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux ru_maxrss is in KiB)."""
+    """This process's peak resident set size so far, in MiB: VmHWM on Linux, not ru_maxrss, which Linux keeps
+    across execve (a child started by a parent that once held 1 GiB would report the parent's peak)."""
+    peak = rss_mb("VmHWM")
+    if peak is not None:
+        return peak
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024.0 if sys.platform != "darwin" else kib / 2**20
 
