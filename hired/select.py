@@ -45,10 +45,10 @@ def _check_plan(plan: BudgetPlan, layout: AnyresLayout) -> None:
             raise ValueError(f"plan.crops[{i}] = {budget} is outside [0, {limit}] for this layout")
 
 
-def top_k_rows(scores: np.ndarray, ks: np.ndarray, candidates: np.ndarray) -> list[np.ndarray]:
-    """Per row i, int64 [ks[i]]: the sorted indices of the ks[i] highest scores [n, m] (>= 0) among the row's
-    candidates (bool [n, m]); ties to the lower index. top_k on every row at once: the kept are the scores above
-    the row's k-th highest, then the lowest-index ones equal to it. Requires ks[i] <= the row's candidates.
+def top_k_mask(scores: np.ndarray, ks: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """bool [n, m]: per row i, True at the ks[i] highest scores [n, m] (>= 0) among the row's candidates (bool
+    [n, m]); ties to the lower index. top_k on every row at once: the kept are the scores above the row's k-th
+    highest, then the lowest-index ones equal to it. Requires ks[i] <= the row's candidates.
     """
     n, m = scores.shape
     masked = np.where(candidates, scores, -1.0)  # below every candidate's score
@@ -57,8 +57,12 @@ def top_k_rows(scores: np.ndarray, ks: np.ndarray, candidates: np.ndarray) -> li
     above = masked > kth[:, None]
     ties = masked == kth[:, None]
     need = ks - above.sum(axis=1)  # ties taken, lowest index first
-    take = above | (ties & (np.cumsum(ties, axis=1) <= need[:, None]))
-    return [np.flatnonzero(row) for row in take]
+    return above | (ties & (np.cumsum(ties, axis=1) <= need[:, None]))
+
+
+def top_k_rows(scores: np.ndarray, ks: np.ndarray, candidates: np.ndarray) -> list[np.ndarray]:
+    """Per row i, int64 [ks[i]]: the sorted indices of top_k_mask's row i (the ks[i] highest candidate scores)."""
+    return [np.flatnonzero(row) for row in top_k_mask(scores, ks, candidates)]
 
 
 def select_tokens(late_scores: object, plan: BudgetPlan, layout: AnyresLayout) -> list[np.ndarray]:

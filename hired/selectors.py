@@ -2,7 +2,7 @@
 
     sel = apply_selector("visionzip", layout, early, late, cfg, features=feats, seed=0)
     sel.keep     # per image (base first) sorted kept token indices, as select_tokens returns them
-    sel.groups   # merged slots: flat id (image * 576 + token) -> int64 [g] the flat ids it averages
+    sel.groups   # MergedGroups: merged slot, flat id (image * 576 + token) -> int64 [g] the flat ids it averages
     order = pack_tokens(sel.keep, layout, cfg)    # HiRED's packing order, whatever the selector
 
 Every selector keeps exactly HiRED's count, plan.kept = min(T, valid tokens) with T = int(n * 576 * rate),
@@ -22,14 +22,14 @@ every selector is the stock model (all valid tokens). Only "hired" reads distrib
              54/64 of a share are the top tokens by late-layer attention; the rest are contextual tokens, each
              the mean of a group of the remaining valid tokens grouped by cosine similarity of their
              feature-layer features (VisionZip groups by last-layer keys; the features are what this bundle
-             has). Reads early and late scores and the features.
+             has). Reads early and late scores and the features. The similarity search is a parameter
+             (`nearest`, numpy's nearest_target by default; the runtime passes one on onnxruntime).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 import numpy as np
 
@@ -37,10 +37,45 @@ from hired.budget import BudgetPlan, base_share, plan_budget, requested_total, s
 from hired.config import HiredConfig
 from hired.layout import AnyresLayout
 from hired.scores import checked_scores
-from hired.select import candidate_mask, select_tokens, top_k_rows
+from hired.select import candidate_mask, select_tokens, top_k_mask, top_k_rows
 
 SELECTORS = ("hired", "cls", "uniform", "random", "visionzip")
 DOMINANT_SHARE = (54, 64)  # VisionZip's 54 dominant of 64 kept tokens
+_NONE = np.empty(0, dtype=np.int64)
+_NONE.setflags(write=False)
+
+
+class MergedGroups(Mapping):
+    """Merged slot (flat id image * 576 + token) -> sorted int64 [g] flat ids averaged into it, kept as arrays:
+    slots int64 [m] (each group's first member), members int64 [M] (the groups back to back), ends int64 [m]
+    (group j is members[ends[j - 1]:ends[j]]). Read-only; empty by default."""
+
+    def __init__(self, slots: np.ndarray = _NONE, members: np.ndarray = _NONE, ends: np.ndarray = _NONE) -> None:
+        self.slots, self.members, self.ends = slots, members, ends
+        self.starts = ends - np.diff(ends, prepend=0)
+        self._index: dict[int, int] | None = None
+
+    @classmethod
+    def of(cls, groups: Mapping[int, np.ndarray]) -> MergedGroups:
+        """`groups` as a MergedGroups (itself if it is one)."""
+        if isinstance(groups, MergedGroups):
+            return groups
+        if not groups:
+            return cls()
+        members = [np.asarray(m, dtype=np.int64) for m in groups.values()]
+        return cls(np.array(list(groups), dtype=np.int64), np.concatenate(members), np.cumsum([len(m) for m in members]))
+
+    def __getitem__(self, slot: int) -> np.ndarray:
+        if self._index is None:
+            self._index = dict(zip(self.slots.tolist(), range(len(self.slots))))
+        j = self._index[slot]
+        return self.members[self.starts[j] : self.ends[j]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.slots.tolist())
+
+    def __len__(self) -> int:
+        return len(self.slots)
 
 
 @dataclass(frozen=True)
@@ -50,7 +85,7 @@ class Selection:
 
     plan: BudgetPlan
     keep: list[np.ndarray]
-    groups: Mapping[int, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
+    groups: Mapping[int, np.ndarray] = field(default_factory=MergedGroups)
 
 
 def valid_candidates(layout: AnyresLayout) -> np.ndarray:
@@ -109,64 +144,103 @@ def select_random(layout: AnyresLayout, kept: int, total: int, seed: int | None)
     return Selection(counts_plan(total, keep), keep)
 
 
-def contextual_groups(features: np.ndarray, rest: np.ndarray, n_groups: int) -> np.ndarray:
+def nearest_target(
+    features: np.ndarray, rows: Sequence[np.ndarray], targets: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """Per image i of features [n, N, D]: int64 [len(rows[i])], for each token rows[i] (indices into the image's
+    N tokens) which of the target tokens targets[i] ([G_i] indices) it is most similar to, by cosine similarity
+    of float32 values (the targets normalised; |x| is the same for every target); ties to the lower target. An
+    image without targets gets no labels. numpy's BLAS; runtime.similarity.NearestTarget answers the same on
+    onnxruntime."""
+    out = []
+    for image, image_rows, image_targets in zip(features, rows, targets):
+        if not len(image_targets):
+            out.append(np.empty(0, dtype=np.int64))
+            continue
+        tf = image[image_targets].astype(np.float32, copy=False)  # a fancy-indexed copy already
+        norms = np.linalg.norm(tf, axis=1)
+        tf /= np.where(norms > 0, norms, 1.0)[:, None]
+        # float32 features: every token's product (reads them in place, no gather), then the rows'; other dtypes
+        # (fp16 bundles): only the rows are converted
+        if image.dtype == np.float32:
+            sims = (image @ tf.T)[image_rows]
+        else:
+            sims = image[image_rows].astype(np.float32) @ tf.T
+        out.append(np.argmax(sims, axis=1))
+    return out
+
+
+Nearest = Callable[[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]], list[np.ndarray]]  # nearest_target's
+
+
+def target_picks(r: int, n_groups: int) -> np.ndarray:
+    """int64 [n_groups]: VisionZip's targets among r remaining tokens, evenly spaced (every r // n_groups-th).
+    Requires 1 <= n_groups <= r."""
+    if not 1 <= n_groups <= r:
+        raise ValueError(f"cannot form {n_groups} groups from {r} tokens")
+    return np.arange(0, r, max(1, r // n_groups))[:n_groups]
+
+
+def contextual_groups(
+    features: np.ndarray, rest: np.ndarray, n_groups: int, nearest: Nearest = nearest_target
+) -> np.ndarray:
     """int64 [R]: the group, in [0, n_groups), of each token `rest` [R] (sorted indices into one image's
     features [576, D]): VisionZip's merging.
 
-    n_groups targets are evenly spaced among `rest` (every R // n_groups-th); every other token joins the target
-    of highest cosine similarity (ties to the lower target). Requires 1 <= n_groups <= R.
+    n_groups targets are evenly spaced among `rest` (target_picks); every other token joins the target of highest
+    cosine similarity (ties to the lower target), as `nearest` (nearest_target's contract) says.
+    Requires 1 <= n_groups <= R.
     """
-    r = rest.shape[0]
-    if not 1 <= n_groups <= r:
-        raise ValueError(f"cannot form {n_groups} groups from {r} tokens")
-    picks = np.arange(0, r, max(1, r // n_groups))[:n_groups]
-    tf = features[rest[picks]].astype(np.float32, copy=False)
-    norms = np.linalg.norm(tf, axis=1)
-    tf /= np.where(norms > 0, norms, 1.0)[:, None]
-    # |x| is the same for every target: no need to divide. float32 features: every row's product (reads them in
-    # place, no gather), then the rest's rows; other dtypes (fp16 bundles): only the rest's rows are converted
-    if features.dtype == np.float32:
-        sims = (features @ tf.T)[rest]
-    else:
-        sims = features[rest].astype(np.float32) @ tf.T
-    labels = np.argmax(sims, axis=1)
-    labels[picks] = np.arange(n_groups)
-    return labels.astype(np.int64)
+    picks = target_picks(len(rest), n_groups)
+    (labels,) = nearest(features[None], [rest], [rest[picks]])
+    return image_groups(labels, picks)
 
 
-def dominant_count(share: int) -> int:
-    """Dominant tokens of a share: floor(share * 54 / 64); the other tokens of the share are contextual."""
+def image_groups(labels: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """int64 [R]: the nearest-target labels [R] of an image's remaining tokens, each target in its own group."""
+    labels = np.asarray(labels, dtype=np.int64)
+    labels[picks] = np.arange(picks.shape[0])
+    return labels
+
+
+def dominant_count(share):
+    """Dominant tokens of a share (an int or an int array of shares): floor(share * 54 / 64); the other tokens of
+    the share are contextual."""
     return share * DOMINANT_SHARE[0] // DOMINANT_SHARE[1]
 
 
 def select_dominant_contextual(
-    layout: AnyresLayout, early: np.ndarray, late: np.ndarray, features: np.ndarray, cfg: HiredConfig
+    layout: AnyresLayout,
+    early: np.ndarray,
+    late: np.ndarray,
+    features: np.ndarray,
+    cfg: HiredConfig,
+    nearest: Nearest = nearest_target,
 ) -> Selection:
     """VisionZip inside HiRED's plan: per image, the dominant top tokens by late score [n, 576], then
-    contextual groups of the remaining valid tokens by cosine similarity of features [n, 576, D]."""
+    contextual groups of the remaining valid tokens by cosine similarity of features [n, 576, D] (`nearest`,
+    called once for every image)."""
     plan = plan_budget(layout, early[0], cfg)
-    t = layout.tokens_per_image
-    shares = (plan.base, *plan.crops)
-    valid = candidate_mask(layout)
-    dominants = top_k_rows(late, np.array([dominant_count(share) for share in shares]), valid)
-    keep, groups = [], {}
-    for i, (share, dominant) in enumerate(zip(shares, dominants)):
-        n_context = share - dominant.shape[0]
-        is_rest = valid[i].copy()
-        is_rest[dominant] = False
-        rest = np.flatnonzero(is_rest)  # valid, not dominant: sorted, raster order
-        slots = [dominant]
-        if n_context:
-            labels = contextual_groups(features[i], rest, n_context)
-            by_group = rest[np.argsort(labels, kind="stable")] + i * t  # each group's members in raster order
-            ends = np.cumsum(np.bincount(labels, minlength=n_context))
-            starts = np.concatenate([[0], ends[:-1]])
-            firsts = by_group[starts]  # a group's first member is the slot its merged token takes
-            for slot, start, end in zip(firsts.tolist(), starts.tolist(), ends.tolist()):
-                groups[slot] = by_group[start:end]
-            slots.append(firsts - i * t)
-        keep.append(np.sort(np.concatenate(slots)).astype(np.int64))
-    return Selection(plan, keep, MappingProxyType(groups))
+    shares = np.array((plan.base, *plan.crops))
+    n_context = shares - dominant_count(shares)
+    dominant = top_k_mask(late, shares - n_context, candidate_mask(layout))  # bool [n, 576]
+    is_rest = candidate_mask(layout) & ~dominant & (n_context > 0)[:, None]  # valid, not dominant, in a grouped image
+    rest = [np.flatnonzero(row) for row in is_rest]  # per image, sorted: raster order
+    counts = n_context.tolist()
+    picks = [target_picks(len(r), g) if g else _NONE for r, g in zip(rest, counts)]
+    labels = nearest(features, rest, [r[p] for r, p in zip(rest, picks)])
+    groups = MergedGroups()
+    if any(counts):  # every image's groups at once: group ids offset per image, members by group in raster order
+        total = sum(counts)
+        first_group = np.cumsum(counts) - counts  # image i's group ids start there
+        group_of = np.concatenate([image_groups(lab, p) + g0 for lab, p, g0 in zip(labels, picks, first_group)])
+        small = group_of.astype(np.int16) if total <= 1 << 15 else group_of  # int16: numpy's radix sort
+        by_group = np.flatnonzero(is_rest)[np.argsort(small, kind="stable")]
+        ends = np.cumsum(np.bincount(group_of, minlength=total))
+        groups = MergedGroups(by_group[ends - np.diff(ends, prepend=0)], by_group, ends)  # slot: a group's first member
+    flat = dominant.reshape(-1).copy()
+    flat[groups.slots] = True  # the merged tokens take their slots
+    return Selection(plan, split_flat(np.flatnonzero(flat), layout), groups)
 
 
 def apply_selector(
@@ -178,11 +252,13 @@ def apply_selector(
     *,
     features: object = None,
     seed: int | None = None,
+    nearest: Nearest = nearest_target,
 ) -> Selection:
     """The tokens selector `name` keeps of one image.
 
     early_scores, late_scores: [1 + n_crops, 576] CLS attention (finite, >= 0); features: [1 + n_crops, 576, D]
-    feature-layer features (visionzip only); seed: the random selector's seed (None: fresh entropy).
+    feature-layer features (visionzip only); seed: the random selector's seed (None: fresh entropy); nearest:
+    visionzip's similarity search (nearest_target's contract; runtime.similarity runs it on onnxruntime).
     Raises ValueError for an unknown selector, unusable scores, or distribution="official" with a selector
     other than hired (the published code's split is HiRED's own).
     """
@@ -203,7 +279,7 @@ def apply_selector(
         if feats is None or feats.ndim != 3 or feats.shape[:2] != shape:
             got = "none" if feats is None else list(feats.shape)
             raise ValueError(f"visionzip needs features of shape [{shape[0]}, {shape[1]}, D], got {got}")
-        return select_dominant_contextual(layout, early, late, feats, cfg)
+        return select_dominant_contextual(layout, early, late, feats, cfg, nearest)
     total = requested_total(layout.n_images, layout.tokens_per_image, cfg.rate)
     kept = min(total, layout.tokens_per_image + int(layout.capacities.sum()))
     if name == "cls":

@@ -55,6 +55,7 @@ from runtime.preprocess import preprocess
 from runtime.prompt import Chat, PromptEncoder
 from runtime.quant import check_method, check_onnxruntime
 from runtime.selection import projector_rows, select_stage
+from runtime.similarity import NearestTarget
 from runtime.stream import CLOSED, TextStream, _ReleaseOnce
 from runtime.visual import ImagePart, budget_total, fill_trace, image_list, span_bound, splice, visual_tokens
 
@@ -193,6 +194,7 @@ class Pipeline:
             distribution=manifest.hired.distribution,
             newlines=manifest.hired.newlines,
         )
+        self.nearest = NearestTarget(threads)  # visionzip's similarity search, on this Pipeline's thread count
         names = {self.vision.provider, self.projector.provider, decoder.provider}
         self.provider = decoder.provider if len(names) == 1 else ",".join(sorted(names))
         try:
@@ -392,7 +394,9 @@ class Pipeline:
 
     def _select(self, req: _Request, part: ImagePart) -> tuple[Selection, np.ndarray]:
         """The request's selector (HiRED by default; runtime.selection) on one image -> (Selection, packed order)."""
-        return select_stage(part.layout, req.cfg, req.selector, req.sampling.seed, part.feats, part.early, part.late)
+        return select_stage(
+            part.layout, req.cfg, req.selector, req.sampling.seed, part.feats, part.early, part.late, self.nearest
+        )
 
     def _project(self, req: _Request, rows: np.ndarray, order: np.ndarray) -> np.ndarray:
         """The kept tokens' rows [k, Dv] through the projector, newline embeddings in their slots: [span, Dt]."""

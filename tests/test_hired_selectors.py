@@ -9,6 +9,7 @@ from hired import AnyresLayout, HiredConfig, pack_tokens, plan_budget, select_to
 from hired.select import top_k_rows
 from hired.selectors import (
     SELECTORS,
+    MergedGroups,
     apply_selector,
     contextual_groups,
     dominant_count,
@@ -143,6 +144,40 @@ def test_visionzip_groups_partition_the_tokens_not_kept_as_dominant():
         if dominant.size:
             others = np.setdiff1d(valid, dominant - i * 576)
             assert late[i, dominant - i * 576].min() >= late[i, others].max()
+
+
+@pytest.mark.parametrize("size", ["2x2-padded", "1x3", "2x1"])
+@pytest.mark.parametrize("rate", RATES)
+def test_visionzip_groups_are_each_images_contextual_groups(size, rate):
+    """The all-images-at-once grouping equals contextual_groups image by image on the remaining tokens: each group
+    is the rest tokens sharing a label, in raster order, its slot the first of them."""
+    layout, early, late, feats = inputs(*SIZES[size], seed=2)
+    cfg = HiredConfig(rate=rate)
+    sel = apply_selector("visionzip", layout, early, late, cfg, features=feats)
+    plan = plan_budget(layout, early[0], cfg)
+    expected = {}
+    for i, share in enumerate((plan.base, *plan.crops)):
+        valid = np.arange(576) if i == 0 else np.flatnonzero(layout.valid_mask[i - 1])
+        dominant = top_k(late[i], dominant_count(share), valid)
+        rest = np.setdiff1d(valid, dominant)
+        if share - dominant_count(share):
+            labels = contextual_groups(feats[i], rest, share - dominant_count(share))
+            for g in range(share - dominant_count(share)):
+                members = rest[labels == g] + i * 576
+                expected[int(members[0])] = members
+    assert sorted(sel.groups) == sorted(expected)
+    for slot, members in expected.items():
+        np.testing.assert_array_equal(sel.groups[slot], members)
+
+
+def test_merged_groups_read_as_a_mapping():
+    groups = MergedGroups(np.array([3, 7]), np.array([3, 5, 7, 9, 11]), np.array([2, 5]))
+    assert dict(groups.items()).keys() == {3, 7} and len(groups) == 2 and 7 in groups and 4 not in groups
+    np.testing.assert_array_equal(groups[7], [7, 9, 11])
+    again = MergedGroups.of({3: np.array([3, 5]), 7: np.array([7, 9, 11])})
+    np.testing.assert_array_equal(again.members, groups.members)
+    np.testing.assert_array_equal(again.ends, groups.ends)
+    assert len(MergedGroups()) == 0 and not MergedGroups.of({})
 
 
 def test_contextual_groups_join_the_most_similar_target():

@@ -9,7 +9,6 @@ import pytest
 from hired.selectors import SELECTORS
 from runtime.errors import BudgetError
 from runtime.pipeline import Trace
-from runtime.selection import one_blas_thread
 from tests.helpers import scene_array
 
 PROMPT = "What is in the picture?"
@@ -101,22 +100,59 @@ def test_the_kept_token_picture_outlines_merged_groups(pipe):
     assert red > 0 and np.all(hired_picture == (230, 25, 75), axis=-1).sum() == 0
 
 
-def blas_threads() -> list[int]:
-    from threadpoolctl import threadpool_info
+def test_the_committed_similarity_graphs_are_what_export_builds():
+    from export.nearest_graph import stale
 
-    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert stale() == []
 
 
-def test_selection_runs_blas_on_one_thread_and_the_last_to_leave_restores_it():
-    from threadpoolctl import threadpool_limits
+def similarity_case(seed: int, dtype=np.float32):
+    """Features of 5 images with 45, 12, 0, 30 and 12 targets among their rows (blocks 3, 1, -, 2, 1), a zero
+    target vector and a duplicated target row (a tie) included."""
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((5, 576, 32)).astype(dtype)
+    rows, targets = [], []
+    for g in (45, 12, 0, 30, 12):
+        image_rows = np.sort(rng.choice(576, 400, replace=False))
+        rows.append(image_rows)
+        targets.append(image_rows[:: max(1, 400 // g)][:g] if g else np.empty(0, np.int64))
+    feats[0, targets[0][3]] = 0  # a zero target: similarity 0 with everything
+    feats[1, targets[1][5]] = feats[1, targets[1][2]]  # equal targets: the lower one wins
+    return feats, rows, targets
 
-    with threadpool_limits(2, user_api="blas"):  # the process's own setting, whatever the machine
-        before = blas_threads()
-        assert before and set(before) == {2}
-        first, second = one_blas_thread(), one_blas_thread()  # two requests' selections overlapping
-        first.__enter__()
-        second.__enter__()
-        first.__exit__(None, None, None)
-        assert set(blas_threads()) == {1}  # the other one still runs
-        second.__exit__(None, None, None)
-        assert blas_threads() == before
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_nearest_target_on_onnxruntime_is_numpys(dtype):
+    from hired.selectors import nearest_target
+    from runtime.similarity import NearestTarget
+
+    feats, rows, targets = similarity_case(0, dtype)
+    got, expected = NearestTarget()(feats, rows, targets), nearest_target(feats, rows, targets)
+    assert [len(x) for x in got] == [400, 400, 0, 400, 400]
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+    assert 5 not in got[1]  # the tie went to target 2
+
+
+def test_similarity_batches_are_runs_of_equal_column_blocks():
+    from runtime.similarity import batches
+
+    assert batches([45, 12, 12, 12, 12]) == [(0, 1), (1, 5)]
+    assert batches([45, 12, 0, 30, 12]) == [(0, 1), (1, 2), (3, 4), (4, 5)]
+    assert batches([16, 1, 17, 32]) == [(0, 2), (2, 4)] and batches([0, 0]) == []
+
+
+def test_a_missing_similarity_graph_falls_back_to_numpy_with_one_warning(tmp_path, monkeypatch, caplog):
+    import runtime.similarity as similarity
+    from hired.selectors import nearest_target
+
+    monkeypatch.setattr(similarity, "GRAPH_DIR", tmp_path)
+    feats, rows, targets = similarity_case(1)
+    nearest = similarity.NearestTarget()
+    with caplog.at_level("WARNING", logger="hired_edge"):
+        first, second = nearest(feats, rows, targets), nearest(feats, rows, targets)
+    warned = [r.getMessage() for r in caplog.records if "VisionZip groups on numpy" in r.getMessage()]
+    assert len(warned) == 1 and "nearest_fp32.onnx cannot be loaded" in warned[0]
+    for a, b, e in zip(first, second, nearest_target(feats, rows, targets)):
+        np.testing.assert_array_equal(a, e)
+        np.testing.assert_array_equal(b, e)
