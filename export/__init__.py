@@ -13,6 +13,7 @@ models too large for this machine's RAM.
     projector.py  multimodal projector -> projector.onnx (kept tokens only)
     decoder.py    language model -> decoder.onnx (inputs_embeds + KV cache, last-position logits)
     quantize.py   the decoder's linear layers -> MatMulNBits (int8/int4)
+    nearest_graph.py  the runtime's own similarity graphs (runtime/graphs/, VisionZip's grouping), committed
     bundle.py     the files beside the graphs (embed_tokens.npy, image_newline.npy, tokenizer.json) and the
                   manifest's numbers
     staging.py    a staging folder moved into place last; what --force may replace; leftovers of killed exports
