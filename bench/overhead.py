@@ -23,7 +23,7 @@ from bench.metrics import median
 from export.bundle import numpy_dtype
 from export.defaults import BUNDLE_DTYPES
 from hired import AnyresLayout, HiredConfig, pack_tokens, plan_budget, select_tokens
-from hired.selectors import SELECTORS
+from hired.selectors import SELECTORS, nearest_target
 from runtime.selection import select_stage
 
 # LLaVA-NeXT's five (height, width) pinpoints, as in every llava-v1.6 config.
@@ -39,6 +39,7 @@ FEATURE_DIM = 1024  # CLIP-L/14-336's feature width: what visionzip's similarity
 TARGETS_US = {"visionzip": 2000.0}  # issue 14's targets: visionzip <= 2 ms, every other selector <= 0.5 ms
 DEFAULT_TARGET_US = 500.0
 BLOCK = 50  # calls of one selector back to back before the next selector's turn
+NUMPY_PEER = "visionzip, numpy search"  # the peer row: visionzip with hired.selectors.nearest_target (numpy's BLAS)
 
 
 def select_once(layout: AnyresLayout, early: np.ndarray, late: np.ndarray, cfg: HiredConfig) -> np.ndarray:
@@ -96,6 +97,7 @@ def selector_overheads_us(
     feature_dim: int = FEATURE_DIM,
     feature_dtype: str = "fp32",
     seed: int = 0,
+    numpy_peer: bool = True,
 ) -> dict[str, float]:
     """Median microseconds of plan + select + pack per selector (runtime.selection.select_stage: the selector,
     visionzip's similarity search on onnxruntime, pack_tokens) over `calls` calls each, after one untimed call.
@@ -103,7 +105,8 @@ def selector_overheads_us(
     spell of the machine hits them all alike, but no selector's calls follow another's (visionzip streams the
     11.8 MB of features through the caches, which would slow the next selector's small-array work).
     feature_dtype: the bundle's dtype ("fp32" or "fp16"), the features' as the vision graph returns them. The
-    merged tokens' feature means (the projector stage's) are not included."""
+    merged tokens' feature means (the projector stage's) are not included. numpy_peer (with visionzip): one more
+    entry, NUMPY_PEER, visionzip with numpy's similarity search instead of onnxruntime's, timed in the same turns."""
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
     if feature_dtype not in BUNDLE_DTYPES:
@@ -120,8 +123,12 @@ def selector_overheads_us(
 
     def once(name: str, i: int) -> None:
         early, late, feats = sets[i % N_SCORE_SETS]
-        select_stage(layout, cfg, name, i, feats, early, late)
+        if name == NUMPY_PEER:
+            select_stage(layout, cfg, "visionzip", i, feats, early, late, nearest_target)
+        else:
+            select_stage(layout, cfg, name, i, feats, early, late)
 
+    selectors = [*selectors, NUMPY_PEER] if numpy_peer and "visionzip" in selectors else list(selectors)
     times: dict[str, list[float]] = {name: [] for name in selectors}
     for name in selectors:
         once(name, 0)  # warm-up
@@ -138,8 +145,14 @@ def overhead_lines(per: dict[str, float], calls: int, feature_dtype: str = "fp32
     """A markdown table of per-selector medians against issue 14's targets."""
     out = ["| selector | median us | target us | met |", "|---|---:|---:|---|"]
     for name, us in per.items():
+        if name == NUMPY_PEER:
+            out.append(f"| {name} (peer) | {us:,.0f} | | |")
+            continue
         target = TARGETS_US.get(name, DEFAULT_TARGET_US)
         out.append(f"| {name} | {us:,.0f} | {target:,.0f} | {'yes' if us <= target else 'NO'} |")
+    if NUMPY_PEER in per and "visionzip" in per:
+        out.append(f"\nvisionzip's similarity search on onnxruntime vs numpy's BLAS, same turns: "
+                   f"{per[NUMPY_PEER] / per['visionzip']:.2f}x faster")  # fmt: skip
     out.append(f"\n(median of {calls:,} calls each, in turns of {BLOCK}; plan + select + pack, 1000x1000 image -> 5 images of 576 tokens, "
                f"{feature_dtype} features {FEATURE_DIM} wide)")  # fmt: skip
     return out

@@ -16,7 +16,7 @@ import pytest
 from bench.__main__ import build_parser, bundle_for, overhead_share, parse_args, run
 from bench.images import parse_size, synthetic_image
 from bench.metrics import ideal_speedup, speedups, summarize_runs, ttft_ms
-from bench.overhead import selection_overhead_us
+from bench.overhead import NUMPY_PEER, selection_overhead_us
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -172,10 +172,10 @@ def test_stage_table_on_the_tiny_bundle_writes_rows_json_and_png(tiny_bundle, tm
     out = capsys.readouterr().out
     assert "| 1000x1000 | 0.2 |" in out and str(pngs[0]) in out and str(jsons[0]) in out
     per = data["selection_overhead"]["per_selector_us"]
-    assert set(per) == {"hired", "cls", "uniform", "random", "visionzip"} and min(per.values()) > 0
+    assert set(per) == {"hired", "cls", "uniform", "random", "visionzip", NUMPY_PEER} and min(per.values()) > 0
     g = data["governor"]
     assert g["images"] == 2 and len(g["runs"]) == 2 and 0 <= g["within_1.1x"] <= 1 and g["mean_rate"] > 0
-    assert "| visionzip |" in out and "## Governor" in out and "within 1.1x the target" in out
+    assert "| visionzip |" in out and f"| {NUMPY_PEER} (peer) |" in out and "same turns:" in out and "## Governor" in out and "within 1.1x the target" in out
 
 
 def test_torch_side_times_transformers_and_the_reference_on_the_bundles_own_weights(tiny_bundle):
