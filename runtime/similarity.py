@@ -56,8 +56,9 @@ class NearestTarget:
     arrays) -> n int64 arrays, for each of image i's rows the index into targets[i] of its most cosine-similar
     target (ties to the lower index); no labels for an image without targets.
 
-    threads: onnxruntime intra-op threads (None: one per physical core, as the Pipeline's graphs). The threads
-    sleep between calls (no spinning), so they take no CPU from the vision graph or the decoder. Thread-safe."""
+    threads: onnxruntime intra-op threads (None: one per physical core, as the Pipeline's graphs). They spin
+    between the graph's steps as the Pipeline's sessions do (onnxruntime's default: measured 10-17% faster here
+    than sleeping, whose wake-ups cost more than these small steps). Thread-safe."""
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
@@ -80,7 +81,6 @@ class NearestTarget:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or 0
         opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         try:
             return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
