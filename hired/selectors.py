@@ -48,11 +48,12 @@ _NONE.setflags(write=False)
 class MergedGroups(Mapping):
     """Merged slot (flat id image * 576 + token) -> sorted int64 [g] flat ids averaged into it, kept as arrays:
     slots int64 [m] (each group's first member), members int64 [M] (the groups back to back), ends int64 [m]
-    (group j is members[ends[j - 1]:ends[j]]). Read-only; empty by default."""
+    (group j is members[ends[j - 1]:ends[j]]); sizes and starts derive from ends. Read-only; empty by default."""
 
     def __init__(self, slots: np.ndarray = _NONE, members: np.ndarray = _NONE, ends: np.ndarray = _NONE) -> None:
         self.slots, self.members, self.ends = slots, members, ends
-        self.starts = ends - np.diff(ends, prepend=0)
+        self.sizes = np.diff(ends, prepend=0)
+        self.starts = ends - self.sizes
         self._index: dict[int, int] | None = None
 
     @classmethod
@@ -223,8 +224,9 @@ def select_dominant_contextual(
     plan = plan_budget(layout, early[0], cfg)
     shares = np.array((plan.base, *plan.crops))
     n_context = shares - dominant_count(shares)
-    dominant = top_k_mask(late, shares - n_context, candidate_mask(layout))  # bool [n, 576]
-    is_rest = candidate_mask(layout) & ~dominant & (n_context > 0)[:, None]  # valid, not dominant, in a grouped image
+    valid = candidate_mask(layout)
+    dominant = top_k_mask(late, shares - n_context, valid)  # bool [n, 576]
+    is_rest = valid & ~dominant & (n_context > 0)[:, None]  # valid, not dominant, in a grouped image
     rest = [np.flatnonzero(row) for row in is_rest]  # per image, sorted: raster order
     counts = n_context.tolist()
     picks = [target_picks(len(r), g) if g else _NONE for r, g in zip(rest, counts)]
@@ -236,8 +238,9 @@ def select_dominant_contextual(
         group_of = np.concatenate([image_groups(lab, p) + g0 for lab, p, g0 in zip(labels, picks, first_group)])
         small = group_of.astype(np.int16) if total <= 1 << 15 else group_of  # int16: numpy's radix sort
         by_group = np.flatnonzero(is_rest)[np.argsort(small, kind="stable")]
-        ends = np.cumsum(np.bincount(group_of, minlength=total))
-        groups = MergedGroups(by_group[ends - np.diff(ends, prepend=0)], by_group, ends)  # slot: a group's first member
+        sizes = np.bincount(group_of, minlength=total)
+        ends = np.cumsum(sizes)
+        groups = MergedGroups(by_group[ends - sizes], by_group, ends)  # slot: a group's first member
     flat = dominant.reshape(-1).copy()
     flat[groups.slots] = True  # the merged tokens take their slots
     return Selection(plan, split_flat(np.flatnonzero(flat), layout), groups)

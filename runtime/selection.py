@@ -60,5 +60,5 @@ def projector_rows(feats: np.ndarray, order: np.ndarray, groups: Mapping[int, np
         where = np.full(flat.shape[0], -1, dtype=np.int64)
         where[ids] = np.arange(ids.shape[0])
         sums = np.add.reduceat(flat[merged.members].astype(np.float64), merged.starts, axis=0)
-        rows[where[merged.slots]] = sums / np.diff(merged.ends, prepend=0)[:, None]
+        rows[where[merged.slots]] = sums / merged.sizes[:, None]
     return rows
