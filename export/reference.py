@@ -356,23 +356,23 @@ class HiredReference:
         `min_new_tokens` suppresses EOS until that many tokens (benchmarks timing a fixed decode length)."""
         cfg = HiredConfig(rate=rate, alpha=alpha, distribution=distribution, newlines=newlines)
         ids_before, ids_after = self.prompt_ids(prompt)
-        tm: dict[str, float] = {}
+        marks: dict[str, float] = {}
         self._sync()
-        t_start = t = time.perf_counter()
+        t_start = time.perf_counter()
         pixel_values, layout = self.preprocess(image)
-        t = _lap(tm, "preprocess", t, self._sync)
+        _mark(marks, "preprocess", t_start, self._sync)
 
         features, early, late = self.vision(pixel_values)
-        t = _lap(tm, "vision", t, self._sync)
+        _mark(marks, "vision", t_start, self._sync)
 
         plan = plan_budget(layout, early[0], cfg)
         keep = select_tokens(late, plan, layout)
         order = pack_tokens(keep, layout, cfg)
-        t = _lap(tm, "select", t, self._sync)
+        _mark(marks, "select", t_start, self._sync)
 
         visual = self.project(features, order)
         inputs_embeds = self.embed(visual, ids_before, ids_after)
-        t = _lap(tm, "projector", t, self._sync)
+        _mark(marks, "projector", t_start, self._sync)
 
         clock = _TokenClock(self._sync)
         out = self.model.generate(
@@ -385,13 +385,8 @@ class HiredReference:
             output_logits=True,
             streamer=clock,
         )
-        self._sync()
-        t_end = time.perf_counter()
-        first = clock.times[0] if clock.times else t_end
-        tm["prefill"] = (first - t) * 1000
-        tm["decode"] = (t_end - first) * 1000
-        tm["ttft"] = (first - t_start) * 1000
-        tm["total"] = (t_end - t_start) * 1000
+        _mark(marks, "end", t_start, self._sync)
+        marks["first"] = _ms(clock.times[0] - t_start) if clock.times else marks["end"]
         token_ids = new_tokens(out.sequences[0], max_new_tokens)
         return ReferenceOutput(
             pixel_values=pixel_values,
@@ -406,7 +401,7 @@ class HiredReference:
             prefill_logits=out.logits[0][0].float().cpu().numpy(),
             token_ids=token_ids,
             text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
-            timings={k: round(tm[k], 3) for k in TIMING_KEYS},
+            timings=_stage_times(marks),
         )
 
 
@@ -421,11 +416,31 @@ def new_tokens(sequence: torch.Tensor, max_new_tokens: int) -> list[int]:
     return ids
 
 
-def _lap(timings: dict[str, float], key: str, since: float, sync: Callable[[], None]) -> float:
+def _ms(seconds: float) -> float:
+    """Seconds as milliseconds rounded to the microsecond (every reported time derives from such marks)."""
+    return round(seconds * 1000, 3)
+
+
+def _mark(marks: dict[str, float], key: str, since: float, sync: Callable[[], None]) -> None:
     sync()
-    now = time.perf_counter()
-    timings[key] = (now - since) * 1000
-    return now
+    marks[key] = _ms(time.perf_counter() - since)
+
+
+def _stage_times(marks: dict[str, float]) -> dict[str, float]:
+    """TIMING_KEYS from the clock marks (ms since the request began): differences of rounded marks, so
+    stages add up exactly (total == ttft + decode) rather than each being rounded on its own."""
+    order = ("preprocess", "vision", "select", "projector", "first")
+    stages = {k: round(marks[k] - (marks[order[i - 1]] if i else 0.0), 3) for i, k in enumerate(order)}
+    return {
+        "preprocess": stages["preprocess"],
+        "vision": stages["vision"],
+        "select": stages["select"],
+        "projector": stages["projector"],
+        "prefill": stages["first"],
+        "decode": round(marks["end"] - marks["first"], 3),
+        "ttft": marks["first"],
+        "total": marks["end"],
+    }
 
 
 def _prompt_for(model: nn.Module) -> tuple[str, bool]:
