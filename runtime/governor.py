@@ -2,12 +2,13 @@
 time to first token meets the request's target_ttft_ms, from a small cost model kept per Pipeline.
 
     gov = Governor(manifest, provider, min_budget=0.05)     # reads ~/.cache/hired-edge/governor/<bundle>-<provider>.json
-    choice = gov.choose(layout, cfg, text_tokens=40, target_ms=300, spent_ms=12.0, max_prompt=8000)
+    choice = gov.choose(layouts, cfg, text_tokens=40, target_ms=300, spent_ms=12.0, max_prompt=8000)
     gov.observe(n_images=5, span=602, prompt_tokens=650, timings_s=req.timings)      # after every request
 
 TTFT = preprocess + vision + select + projector + prefill (as bench.eval and GenerationResult.timings_ms count it).
-At decision time the request's own preprocessing has run: its measured time (`spent_ms`) is used as is. The rest,
-in milliseconds, is model x k:
+At decision time the request's own preprocessing has run: its measured time (`spent_ms`) is used as is. A request
+of several images gets one rate for all of them (n and the span below are its images' sums). The rest, in
+milliseconds, is model x k:
 - model: vision + select linear in the partition count n (proportional while one count was seen), projector linear
   in the visual span, prefill a polynomial of the prompt length L (text tokens + span; degree 2 when three or more
   lengths were seen, else 1, the lower degree when a fit is not increasing over [0, L_max]). Each is a weighted
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +94,15 @@ def visual_span(layout: AnyresLayout, cfg: HiredConfig, rate: float) -> int:
     return span_bound(layout, dataclasses.replace(cfg, rate=float(rate)))
 
 
-def spans_at(layout: AnyresLayout, cfg: HiredConfig, rates: np.ndarray) -> np.ndarray:
-    """float64 [len(rates)]: visual_span at each rate."""
-    return np.array([visual_span(layout, cfg, float(r)) for r in rates], dtype=np.float64)
+def as_layouts(layouts: AnyresLayout | Sequence[AnyresLayout]) -> list[AnyresLayout]:
+    """A request's image layouts as a list (one layout or several: one rate applies to every image)."""
+    return [layouts] if isinstance(layouts, AnyresLayout) else list(layouts)
+
+
+def spans_at(layouts: AnyresLayout | Sequence[AnyresLayout], cfg: HiredConfig, rates: np.ndarray) -> np.ndarray:
+    """float64 [len(rates)]: the request's visual tokens at each rate, its images' visual_span summed."""
+    return np.array([sum(visual_span(layout, cfg, float(r)) for layout in as_layouts(layouts)) for r in rates],
+                    dtype=np.float64)  # fmt: skip
 
 
 def recency_weights(n: int, half_life: float = HALF_LIFE) -> np.ndarray:
@@ -253,28 +261,29 @@ class Governor:
             "prefill": np.maximum(np.polyval(prefill, spans + text_tokens), 0.0),
         }
 
-    def predict_ms(self, layout: AnyresLayout, cfg: HiredConfig, text_tokens: int, rates: np.ndarray,
-                   spent_ms: float | None = None) -> np.ndarray:  # fmt: skip
-        """Predicted TTFT [len(rates)] in ms of an image with `layout` and a prompt of `text_tokens` at each rate
-        (rates ascending; the result is made non-decreasing): preprocessing + model x k."""
-        return self._predict(layout.n_images, spans_at(layout, cfg, rates), text_tokens, spent_ms)
+    def predict_ms(self, layouts: AnyresLayout | Sequence[AnyresLayout], cfg: HiredConfig, text_tokens: int,
+                   rates: np.ndarray, spent_ms: float | None = None) -> np.ndarray:  # fmt: skip
+        """Predicted TTFT [len(rates)] in ms of a request with images of `layouts` (one or several) and a prompt of
+        `text_tokens` at each rate (rates ascending; the result is made non-decreasing): preprocessing + model x k."""
+        return self._predict(partitions(layouts), spans_at(layouts, cfg, rates), text_tokens, spent_ms)
 
     def _predict(self, n: int, spans: np.ndarray, text_tokens: int, spent_ms: float | None) -> np.ndarray:
-        """predict_ms of an image of `n` partitions at the (non-decreasing) visual spans `spans`."""
+        """predict_ms of a request of `n` partitions in all at the (non-decreasing) visual spans `spans`."""
         with self.lock:
             pre = spent_ms if spent_ms is not None else _per_count(self.preprocess, n)
             model = sum(self._stages(n, spans, text_tokens).values())
             out = pre + self._safety() * model
         return np.maximum.accumulate(out)
 
-    def choose(self, layout: AnyresLayout, cfg: HiredConfig, *, text_tokens: int, target_ms: float,
-               spent_ms: float | None = None, max_prompt: int | None = None) -> Choice:  # fmt: skip
-        """The largest candidate rate in [min_budget, 1.0] predicted to meet `target_ms` whose prompt (text +
-        span) is at most `max_prompt` tokens; min_budget if none meets the target."""
+    def choose(self, layouts: AnyresLayout | Sequence[AnyresLayout], cfg: HiredConfig, *, text_tokens: int,
+               target_ms: float, spent_ms: float | None = None, max_prompt: int | None = None) -> Choice:  # fmt: skip
+        """The largest candidate rate in [min_budget, 1.0], applied to every image of `layouts` (one or several),
+        predicted to meet `target_ms` whose prompt (text + spans) is at most `max_prompt` tokens; min_budget if
+        none meets the target."""
         self.in_use = True
         rates = np.unique(np.round(np.r_[np.arange(self.min_budget, 1.0, RATE_STEP), 1.0], 6))
-        spans = spans_at(layout, cfg, rates)
-        predicted = self._predict(layout.n_images, spans, text_tokens, spent_ms)
+        spans = spans_at(layouts, cfg, rates)
+        predicted = self._predict(partitions(layouts), spans, text_tokens, spent_ms)
         meets = predicted <= target_ms
         fits = meets & (text_tokens + spans <= max_prompt) if max_prompt is not None else meets
         ok = np.flatnonzero(fits)  # min_budget itself fits the context: runtime.pipeline checked it before
@@ -350,20 +359,21 @@ def calibrate(pipe, image, prompt: str, *, rates: tuple[float, ...] = CALIBRATIO
         gov.save()
 
 
-def auto_budget(pipe, opts, layout: AnyresLayout | None, image, prompt, text_tokens: int, spent_s: float):
-    """(HiredConfig at the chosen rate, the result's budget additions) of a budget="auto" request.
+def auto_budget(pipe, opts, layouts: Sequence[AnyresLayout], image, prompt, text_tokens: int, spent_s: float):
+    """(HiredConfig at the chosen rate, the result's budget additions) of a budget="auto" request whose images
+    have `layouts` (none: text only; several: one rate for all of them).
 
-    `pipe` is the Pipeline (its governor, defaults, context, calibration runs); `spent_s` the request's
-    preprocessing time."""
+    `pipe` is the Pipeline (its governor, defaults, context, calibration runs; a lazy calibration runs the request's
+    own images and prompt); `spent_s` the request's preprocessing time."""
     auto = {"requested": "auto", "target_ttft_ms": opts.target_ttft_ms, "predicted_ttft_ms": None}
-    if layout is None:  # text only: no visual tokens to trade
+    if not layouts:  # text only: no visual tokens to trade
         return opts.hired_config(pipe.defaults), auto
     gov: Governor = pipe.governor
     if not gov.calibrated:
         calibrate(pipe, image, prompt, lazy=True)
     cfg = opts.hired_config(pipe.defaults)
     max_prompt = pipe.max_context - opts.sampling.max_new_tokens
-    choice = gov.choose(layout, cfg, text_tokens=text_tokens, target_ms=opts.target_ttft_ms,
+    choice = gov.choose(layouts, cfg, text_tokens=text_tokens, target_ms=opts.target_ttft_ms,
                         spent_ms=1000.0 * spent_s, max_prompt=max_prompt)  # fmt: skip
     auto["predicted_ttft_ms"] = choice.predicted_ms
     if not choice.reachable:
@@ -377,6 +387,11 @@ def auto_budget(pipe, opts, layout: AnyresLayout | None, image, prompt, text_tok
             f"the {pipe.max_context}-token context"
         )
     return opts.hired_config(pipe.defaults, rate=choice.rate), auto
+
+
+def partitions(layouts: AnyresLayout | Sequence[AnyresLayout]) -> int:
+    """Partitions (base images + crops) the vision graph runs for a request's images."""
+    return sum(layout.n_images for layout in as_layouts(layouts))
 
 
 def _append(items: list, item, keep: int = MAX_SAMPLES) -> None:

@@ -37,7 +37,6 @@ from hired.selectors import Selection
 from runtime.bundle_check import check_loaded
 from runtime.decoder import Decoder
 from runtime.errors import (
-    BudgetError,
     BundleError,
     GenerationError,
     HiredError,
@@ -340,8 +339,6 @@ class Pipeline:
             raise PromptError(f"prompt is {chars} characters, far over the {self.max_context}-token context")
         graphs = (self.vision, self.projector, self.decoder)
         images = image_list(image)  # none: text only, the template without its image slot
-        if opts.is_auto and len(images) > 1:
-            raise BudgetError("budget='auto' takes one image; give a request with several images a numeric budget")
         segments = self.prompt.encode_slots(prompt, len(images))
         req = _Request(cfg, sampling, segments, graphs, [self._preprocess(im, i, len(images), opts.color)
                        for i, im in enumerate(images)], t_start=t0, trace=trace)  # fmt: skip
@@ -350,9 +347,9 @@ class Pipeline:
         self._check_context(text_len, req.parts, lowest, sampling.max_new_tokens)
         req.timings["preprocess"] = time.perf_counter() - t0
         req.selector = opts.selector
-        if opts.is_auto:  # the governor's rate, calibrating first on this image if it must
-            layout = req.parts[0].layout if req.parts else None
-            req.cfg, req.auto = auto_budget(self, opts, layout, image, prompt, text_len, req.timings["preprocess"])
+        if opts.is_auto:  # the governor's rate (one for every image), calibrating first on this request if it must
+            layouts = [part.layout for part in req.parts]
+            req.cfg, req.auto = auto_budget(self, opts, layouts, image, prompt, text_len, req.timings["preprocess"])
             self._check_context(text_len, req.parts, req.cfg, sampling.max_new_tokens)  # at the chosen rate
         return req
 

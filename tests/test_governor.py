@@ -13,7 +13,7 @@ import pytest
 
 from hired import AnyresLayout, HiredConfig
 from runtime.errors import BudgetError, HiredError
-from runtime.governor import CACHE_FORMAT, RATIO_WINDOW, Governor, fit_increasing, visual_span
+from runtime.governor import CACHE_FORMAT, RATIO_WINDOW, Governor, fit_increasing, spans_at, visual_span
 from runtime.options import RequestOptions
 from runtime.pipeline import Pipeline
 from tests.helpers import scene_array
@@ -61,6 +61,26 @@ def test_choice_is_the_largest_rate_meeting_the_target_and_monotone_in_it(pipe, 
         assert c.reachable == (c.predicted_ms <= target)
         if c.reachable and c.rate < 1.0:  # the next candidate rate would miss the target
             assert gov.predict_ms(layout, cfg, 20, np.array([c.rate + 0.005]))[0] > target
+        chosen.append(c.rate)
+    assert chosen == sorted(chosen) and chosen[0] == 0.05 and chosen[-1] == 1.0
+
+
+def test_several_images_share_one_rate_predicted_from_their_summed_partitions_and_spans(pipe, tmp_path):
+    gov = synthetic(pipe.manifest, tmp_path)
+    a = AnyresLayout.for_image(width=800, height=600, grid_pinpoints=PINS)  # 2x1 grid: 3 partitions
+    b = AnyresLayout.for_image(width=450, height=1000, grid_pinpoints=PINS)  # 1x2 grid: 3 partitions
+    cfg, rates = HiredConfig(), np.linspace(0.05, 1.0, 20)
+    spans = spans_at([a, b], cfg, rates)
+    assert np.array_equal(spans, [visual_span(a, cfg, r) + visual_span(b, cfg, r) for r in rates])
+    both = gov.predict_ms([a, b], cfg, 20, rates, spent_ms=3.0)
+    assert np.array_equal(both, gov._predict(a.n_images + b.n_images, spans, 20, 3.0))
+    assert np.all(both > gov.predict_ms(a, cfg, 20, rates, spent_ms=3.0))  # the second image costs time
+    chosen = []
+    for target in np.linspace(both[0] - 5, both[-1] + 50, 30):
+        c = gov.choose([a, b], cfg, text_tokens=20, target_ms=float(target), spent_ms=3.0)
+        if c.reachable and c.rate < 1.0:  # the next candidate rate would miss the target
+            assert gov.predict_ms([a, b], cfg, 20, np.array([c.rate + 0.005]), spent_ms=3.0)[0] > target
+        assert c.rate <= gov.choose(a, cfg, text_tokens=20, target_ms=float(target), spent_ms=3.0).rate
         chosen.append(c.rate)
     assert chosen == sorted(chosen) and chosen[0] == 0.05 and chosen[-1] == 1.0
 
@@ -186,6 +206,26 @@ def test_auto_calibrates_lazily_reports_its_choice_and_caches_the_model(tiny_bun
     with Pipeline.load(tiny_bundle) as again:  # the cache makes a new Pipeline ready at once
         assert again.governor.calibrated
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_auto_on_several_images_applies_one_rate_to_each(tiny_bundle, cache_home):
+    images, prompt = [scene_array(800, 600), scene_array(450, 1000, seed=1)], "What changed?"
+    with Pipeline.load(tiny_bundle) as p:
+        generous = p.generate(images, prompt, budget="auto", target_ttft_ms=1e6, max_new_tokens=1)
+        assert p.governor.calibrated  # lazily, on this request's two images
+        stock = p.generate(images, prompt, budget=1.0, max_new_tokens=1)
+        assert generous.budget["rate"] == 1.0 and generous.budget["total"] == stock.budget["total"]
+        assert generous.visual_tokens["per_image"] == stock.visual_tokens["per_image"]
+        tight = p.generate(images, prompt, budget="auto", target_ttft_ms=1e-3, max_new_tokens=1)
+        assert tight.budget["rate"] == 0.05 and "min_budget" in tight.budget["note"]
+        fixed = p.generate(images, prompt, budget=0.05, max_new_tokens=1)  # what that rate keeps of each image
+        assert tight.budget["total"] == fixed.budget["total"] < stock.budget["total"]
+        assert tight.visual_tokens["per_image"] == fixed.visual_tokens["per_image"] and len(fixed.visual_tokens["images"]) == 2
+        middle = p.generate(images, prompt, budget="auto", max_new_tokens=1,
+                            target_ttft_ms=(tight.budget["predicted_ttft_ms"] + generous.budget["predicted_ttft_ms"]) / 2)  # fmt: skip
+        assert 0.05 <= middle.budget["rate"] <= 1.0 and len(middle.visual_tokens["images"]) == 2
+        print(f"governor, two images: rate {middle.budget['rate']}, predicted {middle.budget['predicted_ttft_ms']:.0f}"
+              f" ms, measured {ttft(middle):.0f} ms")  # fmt: skip
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": CACHE_FORMAT, "bundle": "other",
