@@ -386,7 +386,7 @@ class HiredReference:
             streamer=clock,
         )
         _mark(marks, "end", t_start, self._sync)
-        marks["first"] = _ms(clock.times[0] - t_start) if clock.times else marks["end"]
+        marks["prefill"] = _ms(clock.times[0] - t_start) if clock.times else marks["end"]  # the first token
         token_ids = new_tokens(out.sequences[0], max_new_tokens)
         return ReferenceOutput(
             pixel_values=pixel_values,
@@ -427,20 +427,13 @@ def _mark(marks: dict[str, float], key: str, since: float, sync: Callable[[], No
 
 
 def _stage_times(marks: dict[str, float]) -> dict[str, float]:
-    """TIMING_KEYS from the clock marks (ms since the request began): differences of rounded marks, so
-    stages add up exactly (total == ttft + decode) rather than each being rounded on its own."""
-    order = ("preprocess", "vision", "select", "projector", "first")
-    stages = {k: round(marks[k] - (marks[order[i - 1]] if i else 0.0), 3) for i, k in enumerate(order)}
-    return {
-        "preprocess": stages["preprocess"],
-        "vision": stages["vision"],
-        "select": stages["select"],
-        "projector": stages["projector"],
-        "prefill": stages["first"],
-        "decode": round(marks["end"] - marks["first"], 3),
-        "ttft": marks["first"],
-        "total": marks["end"],
-    }
+    """TIMING_KEYS from the clock marks (ms since the request began, each at its stage's end): differences of
+    rounded marks, so stages add up exactly (total == ttft + decode) rather than each being rounded on its own."""
+    stages, before = {}, 0.0
+    for key in ("preprocess", "vision", "select", "projector", "prefill"):
+        stages[key], before = round(marks[key] - before, 3), marks[key]
+    return {**stages, "decode": round(marks["end"] - marks["prefill"], 3), "ttft": marks["prefill"],
+            "total": marks["end"]}  # fmt: skip
 
 
 def _prompt_for(model: nn.Module) -> tuple[str, bool]:

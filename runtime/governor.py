@@ -94,15 +94,14 @@ def visual_span(layout: AnyresLayout, cfg: HiredConfig, rate: float) -> int:
     return span_bound(layout, dataclasses.replace(cfg, rate=float(rate)))
 
 
-def as_layouts(layouts: AnyresLayout | Sequence[AnyresLayout]) -> list[AnyresLayout]:
-    """A request's image layouts as a list (one layout or several: one rate applies to every image)."""
-    return [layouts] if isinstance(layouts, AnyresLayout) else list(layouts)
+def spans_at(layouts: Sequence[AnyresLayout], cfg: HiredConfig, rates: np.ndarray) -> np.ndarray:
+    """float64 [len(rates)]: a request's visual tokens at each rate (one rate for all its images of `layouts`)."""
+    return np.array([sum(visual_span(layout, cfg, float(r)) for layout in layouts) for r in rates], dtype=np.float64)
 
 
-def spans_at(layouts: AnyresLayout | Sequence[AnyresLayout], cfg: HiredConfig, rates: np.ndarray) -> np.ndarray:
-    """float64 [len(rates)]: the request's visual tokens at each rate, its images' visual_span summed."""
-    return np.array([sum(visual_span(layout, cfg, float(r)) for layout in as_layouts(layouts)) for r in rates],
-                    dtype=np.float64)  # fmt: skip
+def partitions(layouts: Sequence[AnyresLayout]) -> int:
+    """Partitions (base images + crops) the vision graph runs for a request's images of `layouts`."""
+    return sum(layout.n_images for layout in layouts)
 
 
 def recency_weights(n: int, half_life: float = HALF_LIFE) -> np.ndarray:
@@ -261,8 +260,8 @@ class Governor:
             "prefill": np.maximum(np.polyval(prefill, spans + text_tokens), 0.0),
         }
 
-    def predict_ms(self, layouts: AnyresLayout | Sequence[AnyresLayout], cfg: HiredConfig, text_tokens: int,
-                   rates: np.ndarray, spent_ms: float | None = None) -> np.ndarray:  # fmt: skip
+    def predict_ms(self, layouts: Sequence[AnyresLayout], cfg: HiredConfig, text_tokens: int, rates: np.ndarray,
+                   spent_ms: float | None = None) -> np.ndarray:  # fmt: skip
         """Predicted TTFT [len(rates)] in ms of a request with images of `layouts` (one or several) and a prompt of
         `text_tokens` at each rate (rates ascending; the result is made non-decreasing): preprocessing + model x k."""
         return self._predict(partitions(layouts), spans_at(layouts, cfg, rates), text_tokens, spent_ms)
@@ -275,8 +274,8 @@ class Governor:
             out = pre + self._safety() * model
         return np.maximum.accumulate(out)
 
-    def choose(self, layouts: AnyresLayout | Sequence[AnyresLayout], cfg: HiredConfig, *, text_tokens: int,
-               target_ms: float, spent_ms: float | None = None, max_prompt: int | None = None) -> Choice:  # fmt: skip
+    def choose(self, layouts: Sequence[AnyresLayout], cfg: HiredConfig, *, text_tokens: int, target_ms: float,
+               spent_ms: float | None = None, max_prompt: int | None = None) -> Choice:  # fmt: skip
         """The largest candidate rate in [min_budget, 1.0], applied to every image of `layouts` (one or several),
         predicted to meet `target_ms` whose prompt (text + spans) is at most `max_prompt` tokens; min_budget if
         none meets the target."""
@@ -387,11 +386,6 @@ def auto_budget(pipe, opts, layouts: Sequence[AnyresLayout], image, prompt, text
             f"the {pipe.max_context}-token context"
         )
     return opts.hired_config(pipe.defaults, rate=choice.rate), auto
-
-
-def partitions(layouts: AnyresLayout | Sequence[AnyresLayout]) -> int:
-    """Partitions (base images + crops) the vision graph runs for a request's images."""
-    return sum(layout.n_images for layout in as_layouts(layouts))
 
 
 def _append(items: list, item, keep: int = MAX_SAMPLES) -> None:

@@ -53,14 +53,14 @@ def test_choice_is_the_largest_rate_meeting_the_target_and_monotone_in_it(pipe, 
     layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
     cfg = HiredConfig()
     rates = np.linspace(0.05, 1.0, 96)
-    predicted = gov.predict_ms(layout, cfg, 20, rates)
+    predicted = gov.predict_ms([layout], cfg, 20, rates)
     assert np.all(np.diff(predicted) >= 0)
     chosen = []
     for target in np.linspace(predicted[0] - 5, predicted[-1] + 50, 40):
-        c = gov.choose(layout, cfg, text_tokens=20, target_ms=float(target))
+        c = gov.choose([layout], cfg, text_tokens=20, target_ms=float(target))
         assert c.reachable == (c.predicted_ms <= target)
         if c.reachable and c.rate < 1.0:  # the next candidate rate would miss the target
-            assert gov.predict_ms(layout, cfg, 20, np.array([c.rate + 0.005]))[0] > target
+            assert gov.predict_ms([layout], cfg, 20, np.array([c.rate + 0.005]))[0] > target
         chosen.append(c.rate)
     assert chosen == sorted(chosen) and chosen[0] == 0.05 and chosen[-1] == 1.0
 
@@ -74,13 +74,13 @@ def test_several_images_share_one_rate_predicted_from_their_summed_partitions_an
     assert np.array_equal(spans, [visual_span(a, cfg, r) + visual_span(b, cfg, r) for r in rates])
     both = gov.predict_ms([a, b], cfg, 20, rates, spent_ms=3.0)
     assert np.array_equal(both, gov._predict(a.n_images + b.n_images, spans, 20, 3.0))
-    assert np.all(both > gov.predict_ms(a, cfg, 20, rates, spent_ms=3.0))  # the second image costs time
+    assert np.all(both > gov.predict_ms([a], cfg, 20, rates, spent_ms=3.0))  # the second image costs time
     chosen = []
     for target in np.linspace(both[0] - 5, both[-1] + 50, 30):
         c = gov.choose([a, b], cfg, text_tokens=20, target_ms=float(target), spent_ms=3.0)
         if c.reachable and c.rate < 1.0:  # the next candidate rate would miss the target
             assert gov.predict_ms([a, b], cfg, 20, np.array([c.rate + 0.005]), spent_ms=3.0)[0] > target
-        assert c.rate <= gov.choose(a, cfg, text_tokens=20, target_ms=float(target), spent_ms=3.0).rate
+        assert c.rate <= gov.choose([a], cfg, text_tokens=20, target_ms=float(target), spent_ms=3.0).rate
         chosen.append(c.rate)
     assert chosen == sorted(chosen) and chosen[0] == 0.05 and chosen[-1] == 1.0
 
@@ -92,7 +92,7 @@ def test_prediction_follows_the_measurements(pipe, tmp_path):
     assert span == 576
     length = span + 20
     expected = 10 + 100 + 1 + span * 1e-3 + 0.2 * length + 1e-4 * length**2
-    got = gov.predict_ms(layout, HiredConfig(), 20, np.array([0.2]))[0]
+    got = gov.predict_ms([layout], HiredConfig(), 20, np.array([0.2]))[0]
     assert got == pytest.approx(expected, rel=0.02)
 
 
@@ -100,15 +100,15 @@ def test_the_safety_factor_follows_a_slower_machine_and_shrugs_off_one_spike(pip
     gov = synthetic(pipe.manifest, tmp_path)
     assert gov.safety == pytest.approx(1.0, abs=0.01)
     layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
-    target = float(gov.predict_ms(layout, HiredConfig(), 20, np.array([0.5]))[0])
-    assert gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=target).rate == pytest.approx(0.5, abs=0.006)
+    target = float(gov.predict_ms([layout], HiredConfig(), 20, np.array([0.5]))[0])
+    assert gov.choose([layout], HiredConfig(), text_tokens=20, target_ms=target).rate == pytest.approx(0.5, abs=0.006)
     spans = [150, 600, 1500, 2928, 900, 300] * 2
     gov.observe(n_images=5, span=900, prompt_tokens=920, timings_s=synthetic_ms(900, slow=5.0))  # one burst of load
     assert gov.safety == pytest.approx(1.0, abs=0.02)
     for span in spans:  # the machine now takes 1.3x as long for everything
         gov.observe(n_images=5, span=span, prompt_tokens=span + 20, timings_s=synthetic_ms(span, slow=1.3))
     assert len(gov.ratios) == RATIO_WINDOW and gov.safety > 1.05  # the fits lag the change: k makes up the rest
-    slower = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=target)
+    slower = gov.choose([layout], HiredConfig(), text_tokens=20, target_ms=target)
     assert slower.rate < 0.45 and slower.predicted_ms <= target
     # what it predicts now is what the slower machine measures at that rate
     span = visual_span(layout, HiredConfig(), slower.rate)
@@ -119,11 +119,11 @@ def test_the_safety_factor_follows_a_slower_machine_and_shrugs_off_one_spike(pip
 def test_the_safety_factor_drops_when_the_machine_gets_faster(pipe, tmp_path):
     gov = synthetic(pipe.manifest, tmp_path)
     layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
-    target = float(gov.predict_ms(layout, HiredConfig(), 20, np.array([0.5]))[0])
+    target = float(gov.predict_ms([layout], HiredConfig(), 20, np.array([0.5]))[0])
     spans = [1500, 900, 300, 2000, 600, 1200, 800, 400, 1000, 1800, 700, 1300]  # other work stopped: 0.4x the time
     for span in spans:
         gov.observe(n_images=5, span=span, prompt_tokens=span + 20, timings_s=synthetic_ms(span, slow=0.4))
-    faster = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=target)
+    faster = gov.choose([layout], HiredConfig(), text_tokens=20, target_ms=target)
     assert gov.safety < 0.9 and faster.rate > 0.6  # still on the safe side: 0.4x the time would allow 1.0
     assert 1000 * sum(synthetic_ms(visual_span(layout, HiredConfig(), faster.rate), slow=0.4).values()) < target
 
@@ -139,12 +139,12 @@ def test_a_robust_fit_ignores_an_outlier():
 def test_the_choice_keeps_the_prompt_within_the_context(pipe, tmp_path):
     gov = synthetic(pipe.manifest, tmp_path)
     layout = AnyresLayout.for_image(width=1000, height=1000, grid_pinpoints=PINS)
-    free = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=1e9)
+    free = gov.choose([layout], HiredConfig(), text_tokens=20, target_ms=1e9)
     assert free.rate == 1.0 and not free.capped
-    capped = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=1e9, max_prompt=1000)
+    capped = gov.choose([layout], HiredConfig(), text_tokens=20, target_ms=1e9, max_prompt=1000)
     assert capped.capped and capped.reachable and 20 + visual_span(layout, HiredConfig(), capped.rate) <= 1000
     assert 20 + visual_span(layout, HiredConfig(), capped.rate + 0.005) > 1000
-    slow = gov.choose(layout, HiredConfig(), text_tokens=20, target_ms=1.0, max_prompt=1000)
+    slow = gov.choose([layout], HiredConfig(), text_tokens=20, target_ms=1.0, max_prompt=1000)
     assert slow.rate == 0.05 and not slow.reachable and not slow.capped
 
 
